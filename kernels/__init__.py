@@ -1,0 +1,1 @@
+"""Ternary matmul kernels: Triton on CUDA, a pure-torch reference everywhere else."""

@@ -1,0 +1,4 @@
+"""The core: quantization, packing, modules, file formats, distillation, reporting.
+
+Nothing in this package imports ComfyUI.
+"""

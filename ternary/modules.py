@@ -1,0 +1,130 @@
+"""TernaryLinear: a leaf module holding a packed ternary weight, per-row scales, an optional
+bias and an optional LoRA branch, all as its own direct parameters and buffers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.dispatch import ternary_linear
+from .packing import packed_shape, unpack_2bit
+from .quantize import residual_lora, ternarize
+
+
+class TernaryLinear(nn.Module):
+    """y = (x T^T) * s + bias + (alpha / r) * (x down^T) up^T.
+
+    Tensors (also the state-dict names of the file format):
+      weight       uint8 [N, ceil(K/128)*32]  2bit-packed T (buffer, never trained)
+      weight_scale float32 [N]                per-row scale s (trainable)
+      bias         [N]                        optional
+      lora_down    [r, K], lora_up [N, r]     optional LoRA (kohya / PEFT orientation)
+      lora_alpha   float32 []                 LoRA alpha; the branch is scaled by alpha / r
+    ``act_bits`` = 8 runs the 8-bit-activation path.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        lora_rank: int = 0,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.act_bits = 16
+        shape = packed_shape("2bit", out_features, in_features)
+        self.register_buffer("weight", torch.full(shape, 0x55, dtype=torch.uint8, device=device))
+        self.weight_scale = nn.Parameter(torch.ones(out_features, device=device))
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        )
+        self.lora_down: nn.Parameter | None = None
+        self.lora_up: nn.Parameter | None = None
+        if lora_rank:
+            self.add_lora(lora_rank, dtype=dtype, device=device)
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora_down is None else self.lora_down.shape[0]
+
+    def add_lora(
+        self,
+        rank: int,
+        alpha: float | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> None:
+        """Attach a zero LoRA branch of this rank (alpha defaults to the rank: scale 1)."""
+        self.lora_down = nn.Parameter(
+            torch.zeros(rank, self.in_features, dtype=dtype, device=device)
+        )
+        self.lora_up = nn.Parameter(
+            torch.zeros(self.out_features, rank, dtype=dtype, device=device)
+        )
+        self.register_buffer("lora_alpha", torch.tensor(float(alpha or rank), device=device))
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        lora_rank: int = 0,
+        scale_rule: str = "absmean",
+        dtype: torch.dtype | None = None,
+    ) -> TernaryLinear:
+        """Quantize a dense [N, K] weight; a LoRA branch, if asked for, fits the residual."""
+        from .packing import pack_2bit
+
+        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.bfloat16)
+        n, k = weight.shape
+        module = cls(
+            k, n, bias=bias is not None, lora_rank=lora_rank, dtype=dtype, device=weight.device
+        )
+        t, scale = ternarize(weight, scale_rule)
+        module.weight.copy_(pack_2bit(t))
+        with torch.no_grad():
+            module.weight_scale.copy_(scale)
+            if bias is not None:
+                module.bias.copy_(bias)
+            if lora_rank:
+                down, up = residual_lora(weight, t, scale, lora_rank)
+                module.lora_down.copy_(down)
+                module.lora_up.copy_(up)
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s * T (+ the LoRA product) as a dense matrix: for references and exports only."""
+        w = (
+            unpack_2bit(self.weight, self.in_features, torch.float32)
+            * self.weight_scale.float()[:, None]
+        )
+        if self.lora_down is not None:
+            w = w + self.lora_scale * (self.lora_up.float() @ self.lora_down.float())
+        return w.to(dtype)
+
+    @property
+    def lora_scale(self) -> float:
+        return float(self.lora_alpha) / self.lora_rank if self.lora_rank else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ternary_linear(
+            x,
+            self.weight,
+            self.weight_scale,
+            self.in_features,
+            self.bias,
+            self.lora_down,
+            self.lora_up,
+            self.lora_scale,
+            self.act_bits,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, lora_rank={self.lora_rank}, act_bits={self.act_bits}"
+        )

@@ -1,0 +1,65 @@
+"""Ternary quantization of one weight matrix: W ~ s[:, None] * T, T in {-1, 0, +1}."""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_RULES = ("absmean", "lsq")
+_EPS = 1e-8
+
+
+def ternarize(
+    weight: torch.Tensor, scale_rule: str = "absmean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a [N, K] weight to (T int8 [N, K], s float32 [N]).
+
+    ``absmean`` is bit for bit the rule of the 1.58-bit FLUX reproduction, computed in
+    float32: ``s = mean|W_row|`` (at least 1e-8), ``T = clamp(round(W / s), -1, 1)`` with
+    torch's round-half-to-even. ``lsq`` keeps that T and replaces s by the least-squares
+    scale of the row, the mean of |W| over the entries where T is non-zero, which can only
+    lower the row's squared error.
+    """
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"unknown scale rule {scale_rule!r}; expected one of {SCALE_RULES}")
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.float()
+    scale = w.abs().mean(dim=1, keepdim=True).clamp(min=_EPS)
+    t = (w / scale).round().clamp_(-1, 1).to(torch.int8)
+    if scale_rule == "lsq":
+        nonzero = t != 0
+        count = nonzero.sum(dim=1, keepdim=True)
+        lsq = (w.abs() * nonzero).sum(dim=1, keepdim=True) / count.clamp(min=1)
+        scale = torch.where(count > 0, lsq, scale).clamp(min=_EPS)
+    return t, scale.squeeze(1)
+
+
+def dequantize(
+    t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """s[:, None] * T as a dense matrix (for references and tests, never in the hot path)."""
+    return (t.to(torch.float32) * scale.float()[:, None]).to(dtype)
+
+
+def residual_lora(
+    weight: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, rank: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors of the quantization residual E = W - s T, split as sqrt(S) on each side.
+
+    Returns (down [r, K], up [N, r]) in float32 with ``up @ down ~ E`` (the kohya / PEFT
+    orientation). A seeded randomized SVD keeps large layers fast and results repeatable.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    residual = weight.float() - dequantize(t, scale)
+    n, k = residual.shape
+    r = min(rank, n, k)
+    with torch.random.fork_rng(devices=[residual.device] if residual.is_cuda else []):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(residual, q=min(r + 8, n, k), niter=4)
+    root = s[:r].sqrt()
+    down = torch.zeros(rank, k, dtype=torch.float32, device=residual.device)
+    up = torch.zeros(n, rank, dtype=torch.float32, device=residual.device)
+    down[:r] = root[:, None] * v[:, :r].T
+    up[:, :r] = u[:, :r] * root
+    return down, up
