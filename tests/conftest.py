@@ -1,0 +1,8 @@
+"""Test set-up: Triton kernels run on the CPU through the interpreter when no GPU is present."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
