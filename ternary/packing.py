@@ -89,6 +89,13 @@ def pack_base3(t: torch.Tensor) -> torch.Tensor:
     return (codes.view(n, width, TRITS_PER_BYTE) * powers).sum(-1).to(torch.uint8)
 
 
+def _base3_digits(device: torch.device) -> torch.Tensor:
+    """[256, 5] table: the five base-3 digits of every byte value (rows past 242 unused)."""
+    values = torch.arange(256, dtype=torch.int16, device=device)
+    powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=device)
+    return ((values[:, None] // powers) % 3).to(torch.int8)
+
+
 def unpack_base3(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_base3`: int8 [N, K] values in {-1, 0, 1}."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
@@ -98,13 +105,8 @@ def unpack_base3(packed: torch.Tensor, in_features: int) -> torch.Tensor:
         raise ValueError(f"packed width {width} does not fit in_features={in_features}")
     if bool((packed > 242).any()):
         raise ValueError("base3 byte above 242: the data is corrupt")
-    rest = packed.to(torch.int16)
-    digits = []
-    for _ in range(TRITS_PER_BYTE):
-        digits.append(rest % 3)
-        rest = rest // 3
-    codes = torch.stack(digits, dim=-1).reshape(n, width * TRITS_PER_BYTE)[:, :in_features]
-    return codes.to(torch.int8) - 1
+    codes = _base3_digits(packed.device)[packed.long()].view(n, width * TRITS_PER_BYTE)
+    return codes[:, :in_features] - 1
 
 
 def pack(t: torch.Tensor, packing: str) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""Command line: ``python -m comfyui_ternary_flux <command> ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .packing import PACKINGS
+from .quantize import SCALE_RULES
+
+TINY_SEED = 1234
+
+
+class ProgressPrinter:
+    """A one-line progress bar on stderr (a line per 10 % when stderr is not a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def __call__(self, done: int, total: int, item: str = "") -> None:
+        percent = 100 * done // max(total, 1)
+        if self.tty:
+            bar = "#" * (percent // 4)
+            sys.stderr.write(
+                f"\r{self.label} [{bar:<25}] {percent:3d}% {done}/{total} {item[:40]:<40}"
+            )
+            if done == total:
+                sys.stderr.write("\n")
+        elif percent // 10 != self.shown // 10 or done == total:
+            sys.stderr.write(f"{self.label} {percent:3d}% ({done}/{total})\n")
+        self.shown = percent
+        sys.stderr.flush()
+
+
+def _device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    return name
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .convert import quantize_file
+    from .fileformat import StreamingWriter
+    from .flux import TINY_FLUX, random_flux_state_dict
+
+    device = _device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.src is None:
+            src = Path(tmp) / "tiny-flux.safetensors"
+            print(f"no SRC given: quantizing the embedded tiny FLUX model (seed {TINY_SEED})")
+            state = random_flux_state_dict(TINY_FLUX, seed=TINY_SEED)
+            entries = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+            with StreamingWriter(src, entries, {"source": "embedded tiny FLUX"}) as writer:
+                for key, tensor in state.items():
+                    writer.write(key, tensor)
+            out = Path(args.output or "tiny-flux-ternary.safetensors")
+        else:
+            src = Path(args.src)
+            out = Path(args.output or src.with_name(f"{src.stem}-ternary.safetensors"))
+        report = quantize_file(
+            src,
+            out,
+            lora_rank=args.lora_rank,
+            scale_rule=args.scale_rule,
+            packing=args.packing,
+            device=device,
+            overwrite=args.force,
+            progress=ProgressPrinter("quantizing"),
+        )
+    print(report.format())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .fileformat import read_header, validate
+
+    metadata, infos = read_header(args.file)
+    layers, packing, lora_rank, config = validate(metadata, infos, Path(args.file).name)
+    print(f"format     ternary-flux v{metadata['format_version']}, packing {packing}")
+    print(
+        f"model      FLUX, hidden {config.hidden_size}, {config.depth} double + "
+        f"{config.depth_single_blocks} single blocks, guidance {config.guidance_embed}"
+    )
+    print(
+        f"layers     {len(layers)} ternary, LoRA rank {lora_rank}, scale rule "
+        f"{metadata.get('scale_rule', '?')}"
+    )
+    print(f"size       {Path(args.file).stat().st_size:,} bytes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m comfyui_ternary_flux",
+        description="1.58-bit (ternary) FLUX.1: quantize, inspect, import, distill.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a FLUX safetensors file to the ternary format")
+    q.add_argument(
+        "src",
+        nargs="?",
+        help="FLUX diffusion model (.safetensors); omitted: the embedded tiny model",
+    )
+    q.add_argument("-o", "--output", help="output file (default: SRC-ternary.safetensors)")
+    q.add_argument(
+        "--lora-rank", type=int, default=0, help="add a LoRA branch fitted to the residual"
+    )
+    q.add_argument(
+        "--scale-rule", choices=SCALE_RULES, default="absmean", help="per-row scale rule"
+    )
+    q.add_argument(
+        "--packing",
+        choices=PACKINGS,
+        default="base3",
+        help="storage layout: base3 (1.6 bits, smallest) or 2bit (no conversion at load)",
+    )
+    q.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda")
+    q.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("info", help="validate a ternary file and print what it holds")
+    i.add_argument("file")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print("error: out of memory; try --device cpu or close other programs", file=sys.stderr)
+        return 3

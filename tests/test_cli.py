@@ -1,0 +1,65 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_ternary_flux.ternary.cli import main
+from comfyui_ternary_flux.ternary.fileformat import load_ternary_file
+from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
+
+
+def test_default_job_quantizes_the_embedded_tiny_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "--lora-rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters quantized" in out and "wrote tiny-flux-ternary.safetensors" in out
+    ckpt = load_ternary_file(tmp_path / "tiny-flux-ternary.safetensors")
+    assert ckpt.config == TINY_FLUX and ckpt.lora_rank == 4
+    # A second run refuses to overwrite, and --force replaces the file.
+    assert main(["quantize"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["quantize", "--force", "--packing", "2bit"]) == 0
+    assert load_ternary_file(tmp_path / "tiny-flux-ternary.safetensors").lora_rank == 0
+    assert main(["info", "tiny-flux-ternary.safetensors"]) == 0
+    assert "26 ternary" in capsys.readouterr().out
+
+
+def test_full_checkpoint_with_prefix_and_other_models(tmp_path, capsys):
+    state = random_flux_state_dict(TINY_FLUX, seed=3)
+    full = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    full["vae.decoder.conv_in.weight"] = torch.zeros(4, 4)
+    save_file(full, str(tmp_path / "ckpt.safetensors"))
+    assert (
+        main(
+            ["quantize", str(tmp_path / "ckpt.safetensors"), "-o", str(tmp_path / "o.safetensors")]
+        )
+        == 0
+    )
+    ckpt = load_ternary_file(tmp_path / "o.safetensors")
+    assert "vae.decoder.conv_in.weight" not in ckpt.state_dict
+    assert torch.equal(ckpt.state_dict["img_in.weight"], state["img_in.weight"])
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, capsys):
+    save_file({"x.weight": torch.zeros(2, 2)}, str(tmp_path / "notflux.safetensors"))
+    assert main(["quantize", str(tmp_path / "notflux.safetensors")]) == 2
+    assert "not a FLUX.1 diffusion model" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["quantize", "--device", "cuda", "-o", str(tmp_path / "c.safetensors")]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    state = random_flux_state_dict(TINY_FLUX, seed=3)
+    state["double_blocks.0.img_attn.qkv.scale_weight"] = torch.ones(1)
+    save_file(state, str(tmp_path / "fp8scaled.safetensors"))
+    assert main(["quantize", str(tmp_path / "fp8scaled.safetensors")]) == 2
+    assert "scaled-fp8" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fp8scaled.safetensors",
+        "notflux.safetensors",
+    ]
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "quantize" in capsys.readouterr().out

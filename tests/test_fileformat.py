@@ -1,0 +1,202 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_ternary_flux.ternary.convert import quantize_file, quantize_state_dict
+from comfyui_ternary_flux.ternary.fileformat import (
+    StreamingWriter,
+    TernaryFormatError,
+    load_ternary_file,
+    read_header,
+    save_ternary_file,
+)
+from comfyui_ternary_flux.ternary.flux import TINY_FLUX, NotFluxError, random_flux_state_dict
+from comfyui_ternary_flux.ternary.modules import TernaryLinear
+from comfyui_ternary_flux.ternary.packing import unpack_2bit
+from comfyui_ternary_flux.ternary.quantize import ternarize
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    return random_flux_state_dict(TINY_FLUX, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory, tiny_state):
+    path = tmp_path_factory.mktemp("src") / "tiny.safetensors"
+    save_file(tiny_state, str(path))
+    return path
+
+
+def _files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("packing", ["2bit", "base3"])
+def test_file_round_trip_gives_the_same_layers(tmp_path, tiny_file, tiny_state, packing):
+    out = tmp_path / "t.safetensors"
+    report = quantize_file(tiny_file, out, lora_rank=4, packing=packing)
+    ckpt = load_ternary_file(out)
+    assert ckpt.config == TINY_FLUX
+    assert ckpt.lora_rank == 4 and ckpt.stored_packing == packing
+    assert len(ckpt.layers) == len(report.layers) == 2 * 10 + 2 * 3
+    for name, (_, k) in ckpt.layers.items():
+        w = tiny_state[f"{name}.weight"]
+        t, s = ternarize(w)
+        assert torch.equal(unpack_2bit(ckpt.state_dict[f"{name}.weight"], k), t)
+        assert torch.equal(ckpt.state_dict[f"{name}.weight_scale"], s)
+        assert torch.equal(ckpt.state_dict[f"{name}.bias"], tiny_state[f"{name}.bias"])
+    # Everything outside the blocks is kept exactly.
+    for key in ("img_in.weight", "txt_in.bias", "final_layer.adaLN_modulation.1.weight"):
+        assert torch.equal(ckpt.state_dict[key], tiny_state[key])
+    assert _files(tmp_path) == ["t.safetensors"]
+
+
+def test_in_memory_and_file_quantization_agree(tmp_path, tiny_file, tiny_state):
+    tensors, layers, _ = quantize_state_dict(tiny_state, lora_rank=2, packing="2bit")
+    save_ternary_file(tmp_path / "m.safetensors", tensors, layers, packing="2bit", lora_rank=2)
+    quantize_file(tiny_file, tmp_path / "f.safetensors", lora_rank=2, packing="2bit")
+    a = load_ternary_file(tmp_path / "m.safetensors").state_dict
+    b = load_ternary_file(tmp_path / "f.safetensors").state_dict
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loaded_layer_computes_the_float64_reference(tmp_path, tiny_file, tiny_state):
+    out = tmp_path / "t.safetensors"
+    quantize_file(tiny_file, out, lora_rank=4)
+    ckpt = load_ternary_file(out)
+    name = "single_blocks.1.linear2"
+    n, k = ckpt.layers[name]
+    layer = TernaryLinear(k, n, lora_rank=4, dtype=torch.bfloat16)
+    layer.load_state_dict({s: ckpt.state_dict[f"{name}.{s}"] for s in layer.state_dict()})
+    x = torch.randn(3, 5, k, dtype=torch.float32)
+    w = tiny_state[f"{name}.weight"].double()
+    t, s = ternarize(w)
+    down = ckpt.state_dict[f"{name}.lora_down"].double()
+    up = ckpt.state_dict[f"{name}.lora_up"].double()
+    ref = x.double() @ (t.double() * s.double()[:, None]).T + tiny_state[f"{name}.bias"].double()
+    ref = ref + (x.double() @ down.T) @ up.T
+    y = layer.float()(x)
+    assert torch.linalg.norm(y.double() - ref) / torch.linalg.norm(ref) < 1e-5
+
+
+def test_full_flux_dev_size_is_planned_under_3_1_gb():
+    from comfyui_ternary_flux.ternary.convert import plan
+    from comfyui_ternary_flux.ternary.flux import FLUX_DEV, flux_shapes
+
+    shapes = {k: (torch.bfloat16, s) for k, s in flux_shapes(FLUX_DEV).items()}
+    bf16 = sum(torch.Size(s).numel() * 2 for _, s in shapes.values())
+    for packing, limit in (("2bit", 3.11e9), ("base3", 2.6e9)):
+        entries, layers = plan(shapes, 0, packing)
+        size = sum(
+            torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
+            for d, s in entries.values()
+        )
+        assert len(layers) == 19 * 10 + 38 * 3
+        assert size < limit, (packing, size)
+    assert bf16 / size > 9.0  # base3
+
+
+def test_not_flux_is_refused_and_leaves_nothing(tmp_path):
+    src = tmp_path / "sdxl.safetensors"
+    save_file(
+        {"conv_in.weight": torch.zeros(4, 4), "time_embed.0.weight": torch.zeros(8, 4)}, str(src)
+    )
+    with pytest.raises(NotFluxError, match="not a FLUX.1 diffusion model: missing img_in.weight"):
+        quantize_file(src, tmp_path / "out.safetensors")
+    with pytest.raises(TernaryFormatError, match="not a ternary-flux file"):
+        load_ternary_file(src)
+    assert _files(tmp_path) == ["sdxl.safetensors"]
+
+
+def test_truncated_files_are_named_as_such(tmp_path, tiny_file):
+    out = tmp_path / "t.safetensors"
+    quantize_file(tiny_file, out)
+    data = out.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TernaryFormatError, match="truncated file"):
+        load_ternary_file(cut)
+    cut.write_bytes(data[:5])
+    with pytest.raises(TernaryFormatError, match="truncated or not a safetensors file"):
+        load_ternary_file(cut)
+    cut.write_bytes(b"\xff" * 64)
+    with pytest.raises(TernaryFormatError, match="not a safetensors file"):
+        load_ternary_file(cut)
+    with pytest.raises(ValueError, match="truncated"):
+        quantize_file(cut, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _rewrite_header(src, dst, edit):
+    data = src.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def test_unknown_version_and_wrong_shapes_are_named(tmp_path, tiny_file):
+    out = tmp_path / "t.safetensors"
+    quantize_file(tiny_file, out)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_header(out, bad, lambda h: h["__metadata__"].update(format_version="7"))
+    with pytest.raises(TernaryFormatError, match="unknown ternary-flux version '7'"):
+        load_ternary_file(bad)
+
+    def shrink(h):
+        h["single_blocks.0.linear1.weight_scale"]["shape"] = [3]
+        h["single_blocks.0.linear1.weight_scale"]["data_offsets"][1] = (
+            h["single_blocks.0.linear1.weight_scale"]["data_offsets"][0] + 12
+        )
+
+    _rewrite_header(out, bad, shrink)
+    with pytest.raises(
+        TernaryFormatError, match=r"single_blocks.0.linear1.weight_scale is F32 \[3\]"
+    ):
+        load_ternary_file(bad)
+
+    def drop(h):
+        del h["double_blocks.1.txt_mlp.2.weight"]
+
+    _rewrite_header(out, bad, drop)
+    with pytest.raises(TernaryFormatError, match="has no tensor double_blocks.1.txt_mlp.2.weight"):
+        load_ternary_file(bad)
+
+
+def test_existing_output_is_never_overwritten_without_asking(tmp_path, tiny_file):
+    out = tmp_path / "t.safetensors"
+    out.write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match="exists"):
+        quantize_file(tiny_file, out)
+    assert out.read_bytes() == b"user data"
+    quantize_file(tiny_file, out, overwrite=True)
+    assert load_ternary_file(out).config == TINY_FLUX
+    assert _files(tmp_path) == ["t.safetensors"]
+
+
+def test_streaming_writer_leaves_no_partial_file_on_error(tmp_path):
+    out = tmp_path / "w.safetensors"
+    entries = {"a": (torch.float32, (2,)), "b": (torch.uint8, (3,))}
+    with pytest.raises(ValueError, match="declared"):
+        with StreamingWriter(out, entries, {}) as writer:
+            writer.write("a", torch.ones(2))
+            writer.write("b", torch.ones(3))  # wrong dtype
+    with pytest.raises(RuntimeError, match="closed before tensor 'b'"):
+        with StreamingWriter(out, entries, {}) as writer:
+            writer.write("a", torch.ones(2))
+    assert _files(tmp_path) == []
+    with StreamingWriter(out, entries, {"k": "v"}) as writer:
+        writer.write("a", torch.tensor([1.5, -2.0]))
+        writer.write("b", torch.tensor([1, 2, 3], dtype=torch.uint8))
+    metadata, infos = read_header(out)
+    assert metadata == {"k": "v"} and infos == {"a": ("F32", (2,)), "b": ("U8", (3,))}
+    from safetensors.torch import load_file
+
+    assert load_file(str(out))["a"].tolist() == [1.5, -2.0]
