@@ -78,6 +78,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_reproduction(args: argparse.Namespace) -> int:
+    from .reproduction import import_reproduction
+
+    result = import_reproduction(
+        args.base,
+        args.checkpoint,
+        args.output,
+        packing=args.packing,
+        overwrite=args.force,
+        progress=ProgressPrinter("importing"),
+    )
+    print(
+        f"{len(result.layers)} ternary layers, LoRA rank {result.lora_rank} "
+        "(fused qkv / linear1: block-diagonal, rank 3r / 4r); "
+        "layers outside the blocks written dense (bf16 s*T + up@down)"
+    )
+    print(f"wrote {args.output} ({Path(args.output).stat().st_size:,} bytes)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .fileformat import read_header, validate
 
@@ -125,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda")
     q.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     q.set_defaults(func=cmd_quantize)
+
+    r = sub.add_parser(
+        "import-reproduction",
+        help="convert a 1.58bit-flux reproduction checkpoint (.pt) over its bf16 FLUX.1-dev base",
+    )
+    r.add_argument("base", help="the bf16 FLUX.1-dev diffusion model (.safetensors, BFL names)")
+    r.add_argument("checkpoint", help="ternary_distilled_r*_*.pt of the reproduction")
+    r.add_argument("-o", "--output", required=True, help="output ternary file (.safetensors)")
+    r.add_argument("--packing", choices=PACKINGS, default="base3", help="storage layout")
+    r.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    r.set_defaults(func=cmd_import_reproduction)
 
     i = sub.add_parser("info", help="validate a ternary file and print what it holds")
     i.add_argument("file")

@@ -29,7 +29,11 @@ _REQUIRED = (
     "vector_in.in_layer.weight",
     "final_layer.linear.weight",
     "double_blocks.0.img_attn.qkv.weight",
+)
+# RMSNorm weights are `*_norm.scale` in BFL files and `*_norm.weight` inside ComfyUI.
+_KEY_NORM = (
     "double_blocks.0.img_attn.norm.key_norm.scale",
+    "double_blocks.0.img_attn.norm.key_norm.weight",
 )
 
 
@@ -83,6 +87,9 @@ def detect_config(shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
     """
     shapes = {strip_prefix(k): tuple(v) for k, v in shapes.items()}
     missing = [k for k in _REQUIRED if k not in shapes]
+    key_norm = next((k for k in _KEY_NORM if k in shapes), None)
+    if key_norm is None:
+        missing.append(_KEY_NORM[0])
     if missing:
         raise NotFluxError(
             "not a FLUX.1 diffusion model: missing "
@@ -90,7 +97,7 @@ def detect_config(shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
             + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         )
     hidden, in_channels = shapes["img_in.weight"]
-    head_dim = shapes["double_blocks.0.img_attn.norm.key_norm.scale"][0]
+    head_dim = shapes[key_norm][0]
     depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks."))
     singles = [int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")]
     mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]

@@ -63,3 +63,25 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "quantize" in capsys.readouterr().out
+
+
+def test_import_reproduction_command(tmp_path, capsys):
+    from test_reproduction import CONFIG, make_checkpoint, to_diffusers
+
+    bfl = random_flux_state_dict(CONFIG, seed=3)
+    linears, _ = to_diffusers(bfl)
+    save_file(bfl, str(tmp_path / "base.safetensors"))
+    torch.save(make_checkpoint(linears, rank=4, seed=4), tmp_path / "r4.pt")
+    args = ["import-reproduction", str(tmp_path / "base.safetensors"), str(tmp_path / "r4.pt")]
+    out = str(tmp_path / "o.safetensors")
+    assert main([*args, "-o", out]) == 0
+    assert "LoRA rank 4" in capsys.readouterr().out
+    ckpt = load_ternary_file(out)
+    assert ckpt.lora_rank == 4
+    assert ckpt.state_dict["double_blocks.0.img_attn.qkv.lora_down"].shape[0] == 12  # 3 slices
+    assert main([*args, "-o", out]) == 2
+    assert "exists" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert main(["import-reproduction", args[1], str(tmp_path / "bad.pt"), "-o", out + "2"]) == 2
+    assert "bad.pt" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors2").exists()

@@ -1,0 +1,356 @@
+"""Import a checkpoint of the public 1.58-bit FLUX reproduction (ugonfor/1.58bit-flux).
+
+Its ``ternary_distilled_r*_*.pt`` files hold, per diffusers-named linear ``L``, only the
+trained ``L.scale`` [out, 1], ``L.lora_A`` (the UP matrix, [out, r]) and ``L.lora_B`` (the
+DOWN matrix, [r, in]); the ternary T is recomputed from the bf16 FLUX.1-dev base with the
+absmean rule. The reproduction computes ``y = (x T^T) * s + (x B^T) A^T + bias``.
+
+This module writes the same model as a v1 ternary file in BFL names:
+
+* block linears become ternary layers: T from the base, s from the checkpoint, LoRA in
+  kohya / PEFT orientation (down = lora_B, up = lora_A, alpha = rank: scale 1);
+* fused BFL layers (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``) gather their diffusers
+  row slices: scales concatenate, the slices' LoRAs become one block-structured LoRA with
+  down = the downs stacked [S r, in] and up block-diagonal [out, S r]. This is exact and an
+  ordinary LoRA for every loader and kernel, at the cost of storing zeros in up;
+* the linears outside the blocks, which the reproduction also made ternary, are written as
+  dense bf16 weights ``s T + A B`` so their outputs stay equal (up to bf16 rounding) while
+  the file keeps the format's rule that only block linears are ternary;
+* ``norm_out.linear`` is ``final_layer.adaLN_modulation.1`` with its halves swapped
+  (diffusers emits (scale, shift), BFL (shift, scale)): its scale rows and up rows are
+  swapped; T is per row, so ternarizing the BFL-ordered base weight gives the swapped T.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .convert import Progress, diffusion_model_keys
+from .fileformat import StreamingWriter, build_metadata, dtype_from_name, read_header
+from .flux import detect_config, is_block_linear, strip_prefix
+from .packing import pack, packed_shape
+from .quantize import ternarize
+
+# BFL module (inside a block) -> its diffusers linears, in BFL row order.
+_DOUBLE_BLOCK = {
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+}
+_SINGLE_BLOCK = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+_OUTSIDE = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+_HALF_SWAPPED = "final_layer.adaLN_modulation.1"
+_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+_KINDS = ("scale", "lora_A", "lora_B")
+_BASE_DTYPES = (torch.bfloat16, torch.float32)
+_OUT_DTYPE = torch.bfloat16
+
+
+class CheckpointError(ValueError):
+    """A reproduction checkpoint that cannot be imported; the message names the problem."""
+
+
+@dataclass
+class ReproductionImport:
+    """The imported model: v1 tensors (empty when streamed to a file), layers, metadata."""
+
+    layers: dict[str, tuple[int, int]]
+    lora_rank: int
+    metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """One BFL linear that the checkpoint covers, with its diffusers row slices."""
+
+    module: str
+    parts: tuple[str, ...]
+    rows: tuple[int, ...]
+    in_features: int
+    ternary: bool
+
+
+def diffusers_parts(module: str) -> tuple[str, ...] | None:
+    """Diffusers linears making up a BFL linear (row blocks, in order), or None if none."""
+    if module in _OUTSIDE:
+        return (_OUTSIDE[module],)
+    match = _BLOCK.match(module)
+    if match is None:
+        return None
+    kind, index, name = match.groups()
+    table, prefix = (
+        (_DOUBLE_BLOCK, "transformer_blocks")
+        if kind == "double_blocks"
+        else (_SINGLE_BLOCK, "single_transformer_blocks")
+    )
+    if name not in table:
+        return None
+    return tuple(f"{prefix}.{index}.{part}" for part in table[name])
+
+
+def _plan_linears(shapes: dict[str, tuple[int, ...]], hidden: int) -> list[_Linear]:
+    linears = []
+    for key, shape in shapes.items():
+        module = key[: -len(".weight")]
+        parts = diffusers_parts(module) if key.endswith(".weight") else None
+        if parts is None:
+            continue
+        n, k = shape
+        rows = (n,) if len(parts) == 1 else (hidden,) * 3 + (n - 3 * hidden,) * (len(parts) - 3)
+        linears.append(_Linear(module, parts, rows, k, is_block_linear(module)))
+    return linears
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a reproduction .pt with ``weights_only=True`` (no code runs) and check its type."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path.name} is not a PyTorch checkpoint (torch.save zip format)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"a {found.group(1)} object" if found else "Python objects"
+        raise CheckpointError(
+            f"{path.name} holds {what}, not only tensors: torch.load(weights_only=True) refuses "
+            "it, and code from a checkpoint is never run; expected a plain state dict"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"{path.name} is not a readable PyTorch checkpoint ({str(err).splitlines()[0]})"
+        ) from None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path.name} is not a state dict (it holds {type(state).__name__})")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path.name}: {bad[0]!r} is not a tensor; expected a state dict")
+    dtypes = {v.dtype for v in state.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        names = ", ".join(sorted(str(d) for d in dtypes))
+        raise CheckpointError(f"{path.name}: expected float tensors of one dtype, found {names}")
+    return state
+
+
+def _check_checkpoint(state: dict[str, torch.Tensor], linears: list[_Linear], name: str) -> int:
+    """Check keys and shapes against the base; return the LoRA rank (0: scales only)."""
+    has_lora = any(k.endswith((".lora_A", ".lora_B")) for k in state)
+    kinds = _KINDS if has_lora else _KINDS[:1]
+    expected = {f"{part}.{kind}" for lin in linears for part in lin.parts for kind in kinds}
+    unknown = sorted(set(state) - expected)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise CheckpointError(
+            f"{name}: unknown keys {', '.join(unknown[:3])}{more}: not a reproduction "
+            "checkpoint of this base model (expected <diffusers layer>.scale / .lora_A / "
+            ".lora_B of the base's linears)"
+        )
+    ranks = [
+        v.shape[0] if k.endswith(".lora_B") else v.shape[1]
+        for k, v in state.items()
+        if k.endswith((".lora_A", ".lora_B")) and v.dim() == 2
+    ]
+    if has_lora and not ranks:
+        raise CheckpointError(f"{name}: its lora_A / lora_B tensors are not matrices")
+    rank = ranks[0] if has_lora else 0
+    for lin in linears:
+        for part, rows in zip(lin.parts, lin.rows, strict=True):
+            missing = [f"{part}.{kind}" for kind in kinds if f"{part}.{kind}" not in state]
+            if missing:
+                raise CheckpointError(
+                    f"{name}: layer {part} (part of {lin.module}) is missing: no "
+                    + ", ".join(missing)
+                )
+            want = {"scale": (rows, 1), "lora_A": (rows, rank), "lora_B": (rank, lin.in_features)}
+            for kind in kinds:
+                got = tuple(state[f"{part}.{kind}"].shape)
+                if got != want[kind]:
+                    raise CheckpointError(
+                        f"{name}: {part}.{kind} has shape {list(got)}, expected "
+                        f"{list(want[kind])} (base {lin.module} is "
+                        f"[{sum(lin.rows)}, {lin.in_features}], LoRA rank {rank})"
+                    )
+    return rank
+
+
+def _gather(
+    state: dict[str, torch.Tensor], lin: _Linear, rank: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(scale [N] float32, down [S r, K], up [N, S r]) of a BFL linear, in BFL row order."""
+    kinds = _KINDS if rank else _KINDS[:1]
+    if not all(bool(torch.isfinite(state[f"{p}.{k}"]).all()) for p in lin.parts for k in kinds):
+        raise CheckpointError(f"the checkpoint's scale or LoRA of {lin.module} is not finite")
+    scale = torch.cat([state[f"{p}.scale"][:, 0] for p in lin.parts]).float()
+    down = up = None
+    if rank:
+        down = torch.cat([state[f"{p}.lora_B"] for p in lin.parts])
+        up = torch.block_diag(*[state[f"{p}.lora_A"] for p in lin.parts])
+    if lin.module == _HALF_SWAPPED:
+        half = scale.shape[0] // 2
+        scale = torch.cat([scale[half:], scale[:half]])
+        up = None if up is None else torch.cat([up[half:], up[:half]])
+    return scale, down, up
+
+
+def _entries(
+    shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    linears: dict[str, _Linear],
+    rank: int,
+    lora_dtype: torch.dtype,
+    packing: str,
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every output tensor (key -> (dtype, shape)) in file order."""
+    entries = {}
+    for key, (_, shape) in shapes.items():
+        lin = linears.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if lin is None or not lin.ternary:
+            entries[key] = (_OUT_DTYPE, shape)
+            continue
+        n, k = shape
+        entries[f"{lin.module}.weight"] = (torch.uint8, packed_shape(packing, n, k))
+        entries[f"{lin.module}.weight_scale"] = (torch.float32, (n,))
+        if rank:
+            r = rank * len(lin.parts)
+            entries[f"{lin.module}.lora_down"] = (lora_dtype, (r, k))
+            entries[f"{lin.module}.lora_up"] = (lora_dtype, (n, r))
+            entries[f"{lin.module}.lora_alpha"] = (torch.float32, ())
+    return entries
+
+
+def _convert(
+    get: Callable[[str], torch.Tensor],
+    keys: list[str],
+    linears: dict[str, _Linear],
+    state: dict[str, torch.Tensor],
+    rank: int,
+    packing: str,
+    progress: Progress | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield output (key, tensor) pairs in :func:`_entries` order, one base tensor at a time."""
+    for i, key in enumerate(keys):
+        tensor = get(key)
+        lin = linears.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if lin is None:
+            yield key, tensor.to(_OUT_DTYPE)
+        else:
+            t, _ = ternarize(tensor, "absmean")
+            scale, down, up = _gather(state, lin, rank)
+            if lin.ternary:
+                yield f"{lin.module}.weight", pack(t, packing)
+                yield f"{lin.module}.weight_scale", scale
+                if rank:
+                    yield f"{lin.module}.lora_down", down
+                    yield f"{lin.module}.lora_up", up
+                    yield f"{lin.module}.lora_alpha", torch.tensor(float(down.shape[0]))
+            else:
+                dense = t.float() * scale[:, None]
+                if rank:
+                    dense += up.float() @ down.float()
+                yield key, dense.to(_OUT_DTYPE)
+        if progress:
+            progress(i + 1, len(keys), key)
+
+
+def import_reproduction(
+    base_path: str | os.PathLike,
+    checkpoint_path: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    *,
+    packing: str = "base3",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ReproductionImport:
+    """Turn a bf16 FLUX base (BFL / ComfyUI names) + a reproduction .pt into a v1 model.
+
+    With ``out_path`` the result is streamed to that file (atomically; the returned
+    ``tensors`` stay empty); without it the tensors are returned in memory. Everything is
+    checked before anything is written. Raises NotFluxError (base), CheckpointError (.pt),
+    FileExistsError (``out_path`` exists and ``overwrite`` is false).
+    """
+    base_path, checkpoint_path = Path(base_path), Path(checkpoint_path)
+    if out_path is not None:
+        out_path = Path(out_path)
+        if out_path.exists() and not overwrite:
+            raise FileExistsError(f"{out_path} exists; pass --force to overwrite it")
+        if out_path.resolve() in (base_path.resolve(), checkpoint_path.resolve()):
+            raise ValueError("the output must not be one of the input files")
+    _, infos = read_header(base_path)
+    names = {strip_prefix(k): k for k in diffusion_model_keys(list(infos))}
+    shapes = {k: (dtype_from_name(infos[names[k]][0]), infos[names[k]][1]) for k in names}
+    config = detect_config({k: s for k, (_, s) in shapes.items()})
+    linears = _plan_linears({k: s for k, (_, s) in shapes.items()}, config.hidden_size)
+    for lin in linears:
+        dtype = shapes[f"{lin.module}.weight"][0]
+        if dtype not in _BASE_DTYPES:
+            raise ValueError(
+                f"{base_path.name}: {lin.module}.weight is {dtype}; the reproduction's ternary "
+                "weights are recomputed from the bf16 FLUX.1-dev weights, so use the bf16 base"
+            )
+    state = load_checkpoint(checkpoint_path)
+    rank = _check_checkpoint(state, linears, checkpoint_path.name)
+    lora_dtype = next(iter(state.values())).dtype
+    by_module = {lin.module: lin for lin in linears}
+    layers = {lin.module: (sum(lin.rows), lin.in_features) for lin in linears if lin.ternary}
+    metadata = build_metadata(
+        layers,
+        packing,
+        rank,
+        "absmean",
+        {
+            "source": base_path.name,
+            "architecture": "flux",
+            "imported_from": f"1.58bit-flux reproduction: {checkpoint_path.name}",
+        },
+    )
+    result = ReproductionImport(layers, rank, metadata)
+    with safe_open(str(base_path), framework="pt", device="cpu") as f:
+        loop = _convert(
+            lambda key: f.get_tensor(names[key]),
+            list(names),
+            by_module,
+            state,
+            rank,
+            packing,
+            progress,
+        )
+        if out_path is None:
+            result.tensors = dict(loop)
+            return result
+        entries = _entries(shapes, by_module, rank, lora_dtype, packing)
+        with StreamingWriter(out_path, entries, metadata, overwrite=overwrite) as writer:
+            for key, tensor in loop:
+                writer.write(key, tensor)
+    return result
