@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .distill_cli import add_distill_commands
 from .packing import PACKINGS
 from .quantize import SCALE_RULES
 
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--packing", choices=PACKINGS, default="base3", help="storage layout")
     r.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     r.set_defaults(func=cmd_import_reproduction)
+
+    add_distill_commands(sub)
 
     i = sub.add_parser("info", help="validate a ternary file and print what it holds")
     i.add_argument("file")

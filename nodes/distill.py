@@ -1,0 +1,406 @@
+"""Distillation nodes: Build Teacher Dataset, Distill Ternary (in-process), Distill Job
+(background torchrun) and Job Status. The work itself is in ternary/teacher.py and
+ternary/train.py; these nodes connect it to ComfyUI's models, text encoders and progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..ternary.distill_config import DistillConfig
+from ..ternary.flux import strip_prefix
+from ..ternary.progress import read_progress
+from ..ternary.prompts import generate_prompts, read_prompt_file
+from ..ternary.quantize import SCALE_RULES
+from ..ternary.student import student_from_tensors
+from ..ternary.teacher import TeacherDataset, TeacherSettings, build_teacher_dataset
+from ..ternary.train import distill
+from . import folders
+from .model_io import check_flux, dense_state_dict, load_ternary_patcher
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+LossMap = io.Custom("LOSS_MAP")
+
+
+def work_root() -> Path:
+    return Path(folder_paths.get_output_directory()) / "ternary_distill"
+
+
+def dataset_dir(name: str) -> Path:
+    """An absolute path as given; a bare name lives under output/ternary_distill/data/."""
+    if not name.strip():
+        raise ValueError("give the teacher data set a name or a folder path")
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else work_root() / "data" / path
+
+
+def job_dir(name: str) -> Path:
+    if not name.strip() or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"invalid job name {name!r}: use a plain name such as flux-r64")
+    return work_root() / "jobs" / name
+
+
+def calibration_prompts(prompts: str, prompt_file: str, count: int, seed: int) -> list[str]:
+    """Prompts typed in the node (one per line), else a prompt file, else generated ones."""
+    typed = [line.strip() for line in prompts.splitlines() if line.strip()]
+    if typed:
+        return typed
+    if prompt_file.strip():
+        return read_prompt_file(Path(prompt_file.strip()).expanduser())
+    return generate_prompts(count, seed)
+
+
+def comfy_encoder(clip):
+    """encode(prompt) -> (T5 context [L, 4096], pooled CLIP [768]) with ComfyUI's encoders."""
+
+    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        context, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+        return context[0].float().cpu(), pooled[0].float().cpu()
+
+    return encode
+
+
+def comfy_velocity_fn(patcher):
+    """velocity_fn of a ComfyUI FLUX MODEL (its LoRAs and patches applied by ComfyUI)."""
+
+    def velocity(z: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        comfy.model_management.load_models_gpu([patcher])
+        base = patcher.model
+        device, dtype = patcher.load_device, base.get_dtype_inference()
+        out = base.diffusion_model(
+            z.to(device, dtype),
+            t.to(device).float(),
+            context=cond["context"].to(device, dtype),
+            y=cond["pooled"].to(device, dtype),
+            guidance=cond["guidance"].to(device, dtype),
+        )
+        return out.float()
+
+    return velocity
+
+
+def _number_inputs() -> list:
+    return [
+        io.Int.Input("lora_rank", default=64, min=1, max=512, tooltip="LoRA rank per layer."),
+        io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
+        io.Int.Input(
+            "batch_size", default=4, min=1, max=1024, tooltip="Examples per optimizer step."
+        ),
+        io.Int.Input(
+            "micro_batch",
+            default=1,
+            min=1,
+            max=64,
+            tooltip="Examples per forward pass; the rest is gradient accumulation.",
+        ),
+        io.Float.Input("lr_lora", default=1e-4, min=0.0, max=1.0, step=1e-5, round=False),
+        io.Float.Input("lr_scale", default=3e-4, min=0.0, max=1.0, step=1e-5, round=False),
+        io.Combo.Input("scale_rule", options=list(SCALE_RULES), default="absmean"),
+        io.Int.Input(
+            "checkpoint_every",
+            default=100,
+            min=1,
+            max=1_000_000,
+            tooltip="Steps between checkpoints; an interrupted run resumes from the last one.",
+        ),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Data order seed."),
+    ]
+
+
+def _config(dataset: str, model: str, output: str, work: Path, **numbers):
+    return DistillConfig(
+        model=model, data=str(dataset_dir(dataset)), output=output, work_dir=str(work), **numbers
+    )
+
+
+def _loss_map(work: Path) -> dict:
+    return {"loss": [entry["loss"] for entry in read_progress(work)[1]]}
+
+
+class BuildTeacherDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TernaryFluxBuildTeacherDataset",
+            display_name="Build Teacher Dataset",
+            category="model/ternary/distill",
+            description="Runs the bf16 FLUX model (the teacher) on calibration prompts and "
+            "stores its conditioning, final latents and velocities, so distillation never "
+            "needs the teacher in memory. Resumable: finished shards are kept.",
+            inputs=[
+                io.Model.Input("model", tooltip="The bf16 FLUX.1 model to distill from."),
+                io.Clip.Input("clip", tooltip="FLUX text encoders (CLIP-L + T5-XXL)."),
+                io.String.Input(
+                    "dataset",
+                    default="flux-teacher",
+                    tooltip="Name (under output/ternary_distill/data) or absolute folder.",
+                ),
+                io.String.Input(
+                    "prompts", multiline=True, default="", tooltip="One prompt per line."
+                ),
+                io.String.Input(
+                    "prompt_file", default="", tooltip="A .txt / .csv / .json prompt file."
+                ),
+                io.Int.Input(
+                    "generate",
+                    default=256,
+                    min=1,
+                    max=100_000,
+                    tooltip="Without prompts or a file: this many generated prompts.",
+                ),
+                io.Int.Input("width", default=1024, min=256, max=4096, step=16),
+                io.Int.Input("height", default=1024, min=256, max=4096, step=16),
+                io.Int.Input("steps", default=28, min=1, max=200),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1),
+                io.Int.Input(
+                    "points_per_prompt",
+                    default=4,
+                    min=1,
+                    max=64,
+                    tooltip="Training times t stored per prompt (each a teacher velocity).",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("shard_size", default=16, min=1, max=4096),
+            ],
+            outputs=[
+                io.String.Output(display_name="dataset"),
+                io.String.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, clip, dataset, prompts, prompt_file, generate, width, height, steps,
+        guidance, points_per_prompt, seed, shard_size,
+    ) -> io.NodeOutput:  # fmt: skip
+        check_flux(model)
+        prompt_list = calibration_prompts(prompts, prompt_file, generate, seed)
+        settings = TeacherSettings(
+            width=width, height=height, steps=steps, guidance=guidance,
+            points_per_prompt=points_per_prompt, seed=seed, shard_size=shard_size,
+        )  # fmt: skip
+        directory = dataset_dir(dataset)
+        bar = comfy.utils.ProgressBar(len(prompt_list))
+        lines: list[str] = []
+        manifest = build_teacher_dataset(
+            directory,
+            prompt_list,
+            comfy_encoder(clip),
+            comfy_velocity_fn(model),
+            settings,
+            device=comfy.model_management.get_torch_device(),
+            log=lines.append,
+            on_prompt=lambda done, total: bar.update_absolute(done, total),
+        )
+        report = (
+            f"{directory}: {manifest['done_prompts']}/{len(prompt_list)} prompts, "
+            f"{manifest['bytes'] / 2**30:.2f} GiB"
+        )
+        return io.NodeOutput(str(directory), report)
+
+
+class DistillTernary(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TernaryFluxDistill",
+            display_name="Distill Ternary",
+            category="model/ternary/distill",
+            description="Quantizes the FLUX model to ternary + LoRA and trains scales and "
+            "LoRA to match the teacher data set, in this ComfyUI process (blocks the queue; "
+            "use Distill Job for long runs). Cancel stops cleanly; queueing the same name "
+            "again resumes.",
+            inputs=[
+                io.Model.Input("model", tooltip="The bf16 FLUX.1 model the teacher data is of."),
+                io.String.Input("dataset", default="flux-teacher", tooltip="Teacher data set."),
+                io.String.Input(
+                    "name", default="flux-distilled", tooltip="Output file in models/ternary."
+                ),
+                *_number_inputs(),
+                io.Boolean.Input("gradient_checkpointing", default=True),
+            ],
+            outputs=[
+                io.Model.Output(),
+                LossMap.Output(display_name="loss_map"),
+                io.String.Output(display_name="file"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, dataset, name, gradient_checkpointing, **numbers) -> io.NodeOutput:
+        check_flux(model)
+        device = comfy.model_management.get_torch_device()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        work = job_dir(name)
+        config = _config(
+            dataset, "(MODEL input)", folders.output_path(name), work,
+            gradient_checkpointing=gradient_checkpointing, **numbers,
+        )  # fmt: skip
+        data = TeacherDataset(config.data)
+        with torch.inference_mode(False), torch.enable_grad():
+            state = {strip_prefix(k): v for k, v in dense_state_dict(model).items()}
+            student = student_from_tensors(
+                {k: tuple(v.shape) for k, v in state.items()},
+                state.__getitem__,
+                config.lora_rank,
+                config.scale_rule,
+                dtype,
+                device,
+                gradient_checkpointing,
+            )
+            del state
+            comfy.model_management.unload_all_models()
+            comfy.model_management.soft_empty_cache()
+            bar = comfy.utils.ProgressBar(config.steps)
+            result = distill(
+                student,
+                data,
+                config,
+                on_step=lambda step, _loss: bar.update_absolute(step, config.steps),
+                should_stop=comfy.model_management.processing_interrupted,
+            )
+        del student
+        if result.output is None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        return io.NodeOutput(
+            load_ternary_patcher(result.output), _loss_map(work), str(result.output)
+        )
+
+
+class DistillJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TernaryFluxDistillJob",
+            display_name="Distill Job",
+            category="model/ternary/distill",
+            description="Starts the distillation as a background torchrun process on one or "
+            "more GPUs, so the queue stays free. Follow it with Job Status.",
+            inputs=[
+                io.Combo.Input(
+                    "model_file",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="bf16 FLUX.1 diffusion model file (models/diffusion_models).",
+                ),
+                io.String.Input("dataset", default="flux-teacher", tooltip="Teacher data set."),
+                io.String.Input("name", default="flux-distilled", tooltip="Job and file name."),
+                io.Int.Input("gpus", default=1, min=1, max=64, tooltip="Processes (one per GPU)."),
+                *_number_inputs(),
+            ],
+            outputs=[io.String.Output(display_name="job"), io.String.Output(display_name="report")],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model_file, dataset, name, gpus, **numbers) -> io.NodeOutput:
+        work = job_dir(name)
+        status = read_progress(work)[0]
+        if status.get("state") == "running" and _alive(status.get("pid")):
+            raise ValueError(f"job {name!r} is running (pid {status['pid']}); see Job Status")
+        model = folder_paths.get_full_path_or_raise("diffusion_models", model_file)
+        config = _config(dataset, model, folders.output_path(name), work, **numbers)
+        TeacherDataset(config.data)  # fail here, not in the background, on a bad data set
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(json.dumps(config.as_dict(), indent=1))
+        command = launch_command(gpus, work / "config.json")
+        log = open(work / "job.log", "ab")
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(_package_link(work))},
+            start_new_session=True,
+        )
+        report = f"started pid {process.pid}: {' '.join(command)}\nlog: {work / 'job.log'}"
+        return io.NodeOutput(name, report)
+
+
+def launch_command(gpus: int, config: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={gpus}", "-m", "comfyui_ternary_flux",
+            "distill", str(config)]  # fmt: skip
+
+
+def _package_link(work: Path) -> Path:
+    """A folder where this pack imports as ``comfyui_ternary_flux`` (whatever its folder
+    name under custom_nodes), for the job's python -m."""
+    folder = work / "python"
+    link = folder / "comfyui_ternary_flux"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(PACK_ROOT, target_is_directory=True)
+    return folder
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def status_text(name: str, status: dict, steps: list[dict]) -> str:
+    if not status:
+        return f"job {name}: not started (no status in {job_dir(name)})"
+    state = status["state"]
+    if state == "running" and not _alive(status.get("pid")):
+        state = "died (see job.log)"
+    step, total = status.get("step", 0), status.get("total_steps", 0)
+    lines = [f"job {name}: {state}, step {step}/{total}"]
+    if steps:
+        recent = steps[-20:]
+        mean = sum(s["loss"] for s in recent) / len(recent)
+        per_step = sum(s["seconds"] for s in recent) / len(recent)
+        lines.append(f"loss {steps[-1]['loss']:.5f} (mean of last {len(recent)}: {mean:.5f})")
+        if state == "running":
+            lines.append(
+                f"{per_step:.2f} s/step, about {(total - step) * per_step / 60:.0f} min left"
+            )
+    if status.get("output"):
+        lines.append(f"output: {status['output']}")
+    return "\n".join(lines)
+
+
+class JobStatus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TernaryFluxJobStatus",
+            display_name="Job Status",
+            category="model/ternary/distill",
+            description="Progress and loss of a distillation job (re-reads it on every run).",
+            inputs=[io.String.Input("job", default="flux-distilled", tooltip="Job name.")],
+            outputs=[
+                io.String.Output(display_name="status"),
+                LossMap.Output(display_name="loss_map"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, job) -> float:
+        return time.time()  # progress changes while the inputs do not
+
+    @classmethod
+    def execute(cls, job) -> io.NodeOutput:
+        status, steps = read_progress(job_dir(job))
+        text = status_text(job, status, steps)
+        return io.NodeOutput(text, {"loss": [s["loss"] for s in steps]}, ui=ui.PreviewText(text))
+
+
+NODES = [BuildTeacherDataset, DistillTernary, DistillJob, JobStatus]

@@ -1,0 +1,146 @@
+"""``teacher`` and ``distill`` subcommands (work alone or under ``torchrun --nproc-per-node N``).
+
+``model`` in either config is a dense FLUX safetensors file (BFL names), or
+``random:tiny:SEED`` / ``random:dev:SEED`` for a FLUX-architecture model with seeded random
+weights (tests, benchmarks). The command-line teacher encodes prompts with a seeded stand-in
+encoder (no text encoders outside ComfyUI): real teacher data comes from the Build Teacher
+Dataset node.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .distill_config import DistillConfig, DistillConfigError, load_config, read_settings_file
+from .distributed import DistEnv, init_distributed, shutdown
+from .flux import FLUX_DEV, TINY_FLUX, random_flux_state_dict, strip_prefix
+from .flux_model import flux_from_state_dict
+from .student import load_student, student_from_tensors
+from .teacher import (
+    TeacherDataset,
+    TeacherSettings,
+    build_teacher_dataset,
+    hashed_prompt_encoder,
+    model_velocity_fn,
+)
+from .train import compute_dtype, distill
+
+RANDOM_PRESETS = {"tiny": TINY_FLUX, "dev": FLUX_DEV}
+TEACHER_KEYS = ("model", "output", "prompts", "prompt_count", "prompt_seed", "device", "dtype")
+
+
+def random_source(spec: str, device) -> dict[str, torch.Tensor] | None:
+    """The state dict of ``random:<tiny|dev>:<seed>``, or None for a file path."""
+    if not spec.startswith("random:"):
+        return None
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[1] not in RANDOM_PRESETS or not parts[2].isdigit():
+        raise DistillConfigError(f"model {spec!r}: expected random:tiny:SEED or random:dev:SEED")
+    return random_flux_state_dict(RANDOM_PRESETS[parts[1]], int(parts[2]), device=device)
+
+
+def dense_tensors(spec: str, device) -> tuple[dict, Callable[[str], torch.Tensor]]:
+    """(shapes, get) of a dense model spec; ``get`` reads a file lazily."""
+    state = random_source(spec, device)
+    if state is not None:
+        return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"model file not found: {spec}")
+    handle = safe_open(spec, framework="pt")
+    keys = {strip_prefix(k): k for k in handle.keys()}
+    shapes = {short: tuple(handle.get_slice(full).get_shape()) for short, full in keys.items()}
+    return shapes, lambda key: handle.get_tensor(keys[key])
+
+
+def teacher_prompts(values: dict, base: Path) -> list[str]:
+    from .prompts import generate_prompts, read_prompt_file
+
+    if "prompts" in values:
+        source = values["prompts"]
+        if isinstance(source, list):
+            return [str(p) for p in source]
+        return read_prompt_file(base / source)
+    return generate_prompts(int(values.get("prompt_count", 64)), int(values.get("prompt_seed", 0)))
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    values = read_settings_file(args.config)
+    base = Path(args.config).parent
+    settings = TeacherSettings.from_dict({k: v for k, v in values.items() if k not in TEACHER_KEYS})
+    for key in ("model", "output"):
+        if key not in values:
+            raise DistillConfigError(f"{args.config}: missing required setting {key!r}")
+    env = init_distributed(values.get("device", "auto"))
+    try:
+        dtype = compute_dtype(values.get("dtype", "auto"), env.device)
+        model_spec = values["model"]
+        if not model_spec.startswith("random:"):
+            model_spec = str(base / model_spec)
+        shapes, get = dense_tensors(model_spec, env.device)
+        teacher = flux_from_state_dict({k: get(k) for k in shapes}, dtype, env.device).eval()
+        context_dim = shapes["txt_in.weight"][1]
+        encode = hashed_prompt_encoder(context_dim=context_dim)
+        build_teacher_dataset(
+            base / values["output"],
+            teacher_prompts(values, base),
+            encode,
+            model_velocity_fn(teacher),
+            settings,
+            device=env.device,
+            rank=env.rank,
+            world_size=env.world_size,
+            barrier=env.barrier,
+            log=print if env.is_main else lambda _: None,
+        )
+    finally:
+        shutdown(env)
+    return 0
+
+
+def build_student(config: DistillConfig, env: DistEnv) -> torch.nn.Module:
+    """The student of a config (the dense weights it came from are freed on return)."""
+    dtype = compute_dtype(config.dtype, env.device)
+    if not config.model.startswith("random:"):
+        return load_student(
+            config.model, config.lora_rank, config.scale_rule, dtype, env.device,
+            config.gradient_checkpointing,
+        )  # fmt: skip
+    shapes, get = dense_tensors(config.model, env.device)
+    return student_from_tensors(
+        shapes, get, config.lora_rank, config.scale_rule, dtype, env.device,
+        config.gradient_checkpointing,
+    )  # fmt: skip
+
+
+def run_distill(config: DistillConfig, env: DistEnv) -> None:
+    dataset = TeacherDataset(config.data)
+    student = build_student(config, env)
+    distill(student, dataset, config, env, log=print if env.is_main else (lambda _: None))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    env = init_distributed(config.device)
+    try:
+        run_distill(config, env)
+    finally:
+        shutdown(env)
+    return 0
+
+
+def add_distill_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``teacher`` and ``distill`` on the main parser's subcommands."""
+    t = sub.add_parser(
+        "teacher",
+        help="build a teacher data set with the pure-torch model (stand-in text encoder)",
+    )
+    t.add_argument("config", help="JSON or TOML: model, output, prompts and teacher settings")
+    t.set_defaults(func=cmd_teacher)
+    d = sub.add_parser("distill", help="distill a ternary + LoRA student from a teacher data set")
+    d.add_argument("config", help="JSON or TOML distillation config (see distill_config.py)")
+    d.set_defaults(func=cmd_distill)

@@ -1,0 +1,130 @@
+"""The distillation student: ternary FLUX with LoRA, what it trains, and what it saves.
+
+Trainable: every TernaryLinear's ``weight_scale`` and LoRA factors, kept in float32 (they are
+the optimizer's master copies; the forward casts them to the compute dtype). Frozen: the
+ternary weights, biases and every other tensor of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .fileformat import load_ternary_file, read_header
+from .flux import detect_config, is_block_linear, strip_prefix
+from .flux_model import FluxTransformer, ternary_flux_from_state_dict
+from .modules import TernaryLinear
+
+
+def student_from_tensors(
+    shapes: Mapping[str, tuple[int, ...]],
+    get: Callable[[str], torch.Tensor],
+    lora_rank: int,
+    scale_rule: str = "absmean",
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    gradient_checkpointing: bool = True,
+) -> FluxTransformer:
+    """Quantize a dense FLUX model layer by layer (only one dense block linear on the device).
+
+    ``shapes`` / ``get`` give the BFL-named tensors (``get`` may read lazily from a file).
+    LoRA factors start from a rank-r SVD of each layer's quantization residual.
+    """
+    config = detect_config(shapes)
+
+    def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
+        if not is_block_linear(name):
+            return nn.Linear(k, n, bias=bias, dtype=dtype, device=device)
+        weight = get(f"{name}.weight").to(device)
+        b = get(f"{name}.bias").to(device) if bias else None
+        return TernaryLinear.from_dense(weight, b, lora_rank, scale_rule, dtype=dtype)
+
+    model = FluxTransformer(config, make, dtype, device, gradient_checkpointing)
+    rest = {
+        key: get(key).to(device=device, dtype=dtype)
+        for key in shapes
+        if not is_block_linear(key.rsplit(".", 1)[0])
+    }
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    ternary_keys = {k for k in model.state_dict() if is_block_linear(k.rsplit(".", 1)[0])}
+    if unexpected or set(missing) - ternary_keys:
+        raise ValueError(f"weights do not fit FLUX: missing {missing[:3]}, extra {unexpected[:3]}")
+    return model
+
+
+def load_student(
+    path: str | os.PathLike,
+    lora_rank: int,
+    scale_rule: str = "absmean",
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    gradient_checkpointing: bool = True,
+) -> FluxTransformer:
+    """Student from a dense FLUX safetensors file (quantized here) or a ternary-flux v1 file
+    (used as it is; its LoRA rank must equal ``lora_rank``)."""
+    metadata, infos = read_header(path)
+    if metadata.get("format") == "ternary-flux":
+        ckpt = load_ternary_file(path, device)
+        if ckpt.lora_rank != lora_rank:
+            raise ValueError(
+                f"{path} has LoRA rank {ckpt.lora_rank}, the config asks for {lora_rank}; "
+                "start from the bf16 model to get a new rank"
+            )
+        return ternary_flux_from_state_dict(
+            ckpt.state_dict, ckpt.layers, dtype, device, gradient_checkpointing
+        )
+    with safe_open(str(path), framework="pt") as f:
+        keys = {strip_prefix(k): k for k in f.keys()}
+        shapes = {short: tuple(infos[full][1]) for short, full in keys.items()}
+        return student_from_tensors(
+            shapes,
+            lambda key: f.get_tensor(keys[key]),
+            lora_rank,
+            scale_rule,
+            dtype,
+            device,
+            gradient_checkpointing,
+        )
+
+
+def ternary_layers(model: nn.Module) -> dict[str, TernaryLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+
+
+def prepare_for_training(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
+    """Freeze everything but scales and LoRA factors, which become float32.
+
+    Returns {"lora": {name: param}, "scale": {name: param}} (names as in the state dict).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups: dict[str, dict[str, nn.Parameter]] = {"lora": {}, "scale": {}}
+    layers = ternary_layers(model)
+    if not layers:
+        raise ValueError("the student has no ternary layers to train")
+    for name, layer in layers.items():
+        if layer.lora_rank == 0:
+            raise ValueError(f"ternary layer {name} has no LoRA branch to train")
+        for attr, group in (("lora_down", "lora"), ("lora_up", "lora"), ("weight_scale", "scale")):
+            param = getattr(layer, attr)
+            param.data = param.data.float()
+            param.requires_grad_(True)
+            groups[group][f"{name}.{attr}"] = param
+    return groups
+
+
+def export_tensors(
+    model: nn.Module, dtype: torch.dtype = torch.bfloat16
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """(tensors, layers) of a format-v1 file (2bit packing): floats in ``dtype`` except the
+    float32 scales and alphas."""
+    layers = {n: (m.out_features, m.in_features) for n, m in ternary_layers(model).items()}
+    tensors = {}
+    for key, value in model.state_dict().items():
+        keep = value.dtype == torch.uint8 or key.endswith((".weight_scale", ".lora_alpha"))
+        tensors[key] = (value if keep else value.to(dtype)).detach().cpu().contiguous()
+    return tensors, layers

@@ -1,0 +1,361 @@
+"""Teacher data set: what the bf16 model says, stored once, so training never needs it loaded.
+
+Per prompt i (sample id = its index in the prompt list) a shard holds::
+
+    {i}.context     [L, 4096]   T5 conditioning
+    {i}.pooled      [768]       pooled CLIP vector
+    {i}.z0          [16, h, w]  the teacher's final latent (Euler, FLUX's shifted schedule)
+    {i}.t           [K]         training times, float32
+    {i}.noise_seed  [K]         int64 seeds of eps (``seeded_normal(seed, z0.shape)``)
+    {i}.v           [K, 16, h, w] teacher velocity at z_t = (1 - t) z0 + t eps
+
+Shard j holds prompts [j * shard_size, (j + 1) * shard_size). A shard file appears only once
+complete (temp file + rename), so a restarted build skips finished shards and redoes at most
+one shard per process. ``manifest.json`` records the settings, the prompts and the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .schedule import (
+    derived_seed,
+    resolution_shift,
+    sampling_sigmas,
+    seeded_normal,
+    seeded_uniform,
+    shift_time,
+)
+
+FORMAT_NAME = "ternary-flux-teacher"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATENT_CHANNELS = 16
+
+# encode(prompt) -> (context [L, D], pooled [P])
+Encoder = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+# velocity_fn(z_t [B, 16, h, w], t [B], cond {"context", "pooled", "guidance"}) -> v
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+class TeacherDataError(ValueError):
+    """A teacher data set that cannot be used or extended as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How the teacher data was made. Fixed for a data set: a resumed build must match."""
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    guidance: float = 3.5
+    shift: float | None = None  # None: FLUX's shift for width x height
+    points_per_prompt: int = 4
+    seed: int = 0
+    shard_size: int = 16
+    storage_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        mu = resolution_shift(self.width, self.height) if self.shift is None else self.shift
+        object.__setattr__(self, "shift", float(mu))
+        for name in ("steps", "points_per_prompt", "shard_size"):
+            if getattr(self, name) < 1:
+                raise TeacherDataError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.storage_dtype not in ("bfloat16", "float16", "float32"):
+            raise TeacherDataError(
+                f"storage_dtype must be bfloat16, float16 or float32, got {self.storage_dtype!r}"
+            )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (LATENT_CHANNELS, self.height // 8, self.width // 8)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TeacherSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TeacherDataError(f"unknown teacher setting(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def model_velocity_fn(model: torch.nn.Module) -> VelocityFn:
+    """velocity_fn of the pure-torch FluxTransformer (tests, CLI)."""
+
+    def velocity(z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        return model(z_t, t, cond["context"], cond["pooled"], cond["guidance"])
+
+    return velocity
+
+
+def hashed_prompt_encoder(context_len: int = 256, context_dim: int = 4096, pooled_dim: int = 768):
+    """A stand-in text encoder for tests and random-weight runs: seeded noise per prompt."""
+
+    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:7], "little")
+        return seeded_normal(seed, (context_len, context_dim)), seeded_normal(
+            seed + 1, (pooled_dim,)
+        )
+
+    return encode
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, cond: dict, sigmas) -> torch.Tensor:
+    """z0 from noise at sigma 1: z <- z + (sigma_next - sigma) * v, in float32."""
+    z = noise.float()
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        t = torch.full((z.shape[0],), sigma, device=z.device)
+        z = z + (sigma_next - sigma) * velocity_fn(z, t, cond).float()
+    return z
+
+
+@torch.no_grad()
+def teacher_sample(
+    index: int, context: torch.Tensor, pooled: torch.Tensor, velocity_fn: VelocityFn,
+    settings: TeacherSettings, device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Everything the data set stores for prompt ``index`` (CPU tensors, storage dtype)."""
+    store = getattr(torch, settings.storage_dtype)
+    cond = {
+        "context": context[None].to(device),
+        "pooled": pooled[None].to(device),
+        "guidance": torch.full((1,), settings.guidance, device=device),
+    }
+    shape = settings.latent_shape
+    noise = seeded_normal(derived_seed(settings.seed, index, 0), shape)[None].to(device)
+    z0 = euler_sample(velocity_fn, noise, cond, sampling_sigmas(settings.steps, settings.shift))
+    z0 = z0.to(store).float()  # the velocities below belong to the stored (rounded) z0
+    k = settings.points_per_prompt
+    u = 1.0 - seeded_uniform(derived_seed(settings.seed, index, 1), k)  # (0, 1]
+    t = shift_time(u, settings.shift).float()
+    noise_seeds = torch.tensor([derived_seed(settings.seed, index, 2, j) for j in range(k)])
+    eps = torch.stack([seeded_normal(int(s), shape) for s in noise_seeds]).to(device)
+    t_dev = t.to(device)
+    z_t = (1 - t_dev[:, None, None, None]) * z0 + t_dev[:, None, None, None] * eps
+    batch_cond = {name: value.expand(k, *value.shape[1:]) for name, value in cond.items()}
+    v = velocity_fn(z_t, t_dev, batch_cond).float()
+    return {
+        "context": context.to(store).cpu(),
+        "pooled": pooled.to(store).cpu(),
+        "z0": z0[0].to(store).cpu(),
+        "t": t,
+        "noise_seed": noise_seeds,
+        "v": v.to(store).cpu(),
+    }
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.safetensors"
+
+
+def _describe(settings: TeacherSettings, prompts: Sequence[str]) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "settings": asdict(settings),
+        "latent_shape": list(settings.latent_shape),
+        "prompts": list(prompts),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise TeacherDataError(f"{directory}: no {MANIFEST}; not a teacher data set")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_NAME:
+        raise TeacherDataError(f"{path}: not a teacher data set manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise TeacherDataError(
+            f"{path}: teacher data set version {manifest.get('format_version')}, this pack reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _check_same_build(directory: Path, described: dict) -> None:
+    """A resumed build must use the settings and prompts it started with."""
+    old = read_manifest(directory)
+    for key in ("settings", "prompts"):
+        if old[key] != described[key]:
+            if key == "prompts":
+                raise TeacherDataError(
+                    f"{directory} was started with other prompts ({len(old['prompts'])} prompts); "
+                    "use a new folder or the same prompt list"
+                )
+            diff = {
+                k: (v, described[key][k]) for k, v in old[key].items() if described[key][k] != v
+            }
+            raise TeacherDataError(
+                f"{directory} was started with other settings: "
+                + ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            )
+
+
+def _shard_ids(path: Path) -> list[int] | None:
+    """Sample ids of a finished shard file, or None when it is not readable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["samples"])
+    except Exception:  # a damaged file is rebuilt, not trusted
+        return None
+
+
+def refresh_manifest(directory: str | os.PathLike) -> dict:
+    """Rewrite the manifest's shard list from the shard files present; returns it."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    prompts, size = manifest["prompts"], manifest["settings"]["shard_size"]
+    shards, done = [], 0
+    for j in range(-(-len(prompts) // size)):
+        path = directory / shard_name(j)
+        ids = _shard_ids(path) if path.is_file() else None
+        if ids is not None:
+            shards.append({"file": path.name, "samples": ids, "bytes": path.stat().st_size})
+            done += len(ids)
+    manifest.update(
+        shards=shards,
+        done_prompts=done,
+        complete=done == len(prompts),
+        bytes=sum(s["bytes"] for s in shards),
+    )
+    _write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def build_teacher_dataset(
+    directory: str | os.PathLike,
+    prompts: Sequence[str],
+    encode: Encoder,
+    velocity_fn: VelocityFn,
+    settings: TeacherSettings,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    log: Callable[[str], None] = print,
+    on_prompt: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Build (or finish) a teacher data set; returns the manifest (after all ranks are done).
+
+    With several processes, rank r builds shards r, r + world_size, ...; ``barrier`` must
+    synchronise them (torch.distributed.barrier). ``on_prompt(done, total)`` reports progress.
+    """
+    if not prompts:
+        raise TeacherDataError("no prompts given")
+    directory = Path(directory)
+    described = _describe(settings, prompts)
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / MANIFEST).exists():
+            _check_same_build(directory, described)
+        else:
+            _write_json(directory / MANIFEST, {**described, "shards": [], "complete": False})
+    barrier()
+    _check_same_build(directory, described)
+    size = settings.shard_size
+    mine = list(range(rank, -(-len(prompts) // size), world_size))
+    total = sum(len(prompts[j * size : (j + 1) * size]) for j in mine)
+    done = 0
+    for j in mine:
+        ids = list(range(j * size, min((j + 1) * size, len(prompts))))
+        path = directory / shard_name(j)
+        if path.is_file() and _shard_ids(path) == ids:
+            done += len(ids)
+            continue
+        # Encode the shard's prompts first: big text encoders and the model then swap in
+        # and out of GPU memory once per shard, not once per prompt.
+        conditions = {i: encode(prompts[i]) for i in ids}
+        tensors = {}
+        for i in ids:
+            sample = teacher_sample(i, *conditions.pop(i), velocity_fn, settings, device)
+            for name, value in sample.items():
+                tensors[f"{i}.{name}"] = value.contiguous()
+            done += 1
+            if on_prompt is not None:
+                on_prompt(done, total)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        save_file(tensors, str(tmp), metadata={"samples": json.dumps(ids)})
+        os.replace(tmp, path)
+        if rank == 0:
+            manifest = refresh_manifest(directory)
+            log(
+                f"teacher data: {manifest['done_prompts']}/{len(prompts)} prompts, "
+                f"{manifest['bytes'] / 2**20:.1f} MiB on disk"
+            )
+    barrier()
+    manifest = refresh_manifest(directory) if rank == 0 else read_manifest(directory)
+    if rank == 0:
+        log(
+            f"teacher data set {directory}: {manifest['done_prompts']}/{len(prompts)} prompts, "
+            f"{len(manifest['shards'])} shards, {manifest['bytes'] / 2**20:.1f} MiB"
+        )
+    return manifest
+
+
+class TeacherDataset:
+    """Training examples of a complete teacher data set: one per (prompt, training point)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        if not manifest.get("complete"):
+            raise TeacherDataError(
+                f"{self.directory}: teacher data set is incomplete "
+                f"({manifest.get('done_prompts', 0)}/{len(manifest['prompts'])} prompts); "
+                "finish building it first"
+            )
+        self.manifest = manifest
+        self.settings = TeacherSettings.from_dict(manifest["settings"])
+        self.points = self.settings.points_per_prompt
+        self._where = {i: s["file"] for s in manifest["shards"] for i in s["samples"]}
+        self.sample_ids = sorted(self._where)
+        self._files: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.sample_ids) * self.points
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the data (settings, prompts, shards) so a resumed run can check it."""
+        key = json.dumps([self.manifest["settings"], self.manifest["prompts"]], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _get(self, sample: int, name: str) -> torch.Tensor:
+        file = self._where[sample]
+        if file not in self._files:
+            self._files[file] = safe_open(str(self.directory / file), framework="pt")
+        return self._files[file].get_tensor(f"{sample}.{name}")
+
+    def example(self, index: int) -> dict[str, torch.Tensor]:
+        """z_t, t, teacher v and the conditioning of example ``index`` (float32, CPU)."""
+        sample = self.sample_ids[index // self.points]
+        point = index % self.points
+        z0 = self._get(sample, "z0").float()
+        t = self._get(sample, "t")[point].float()
+        eps = seeded_normal(int(self._get(sample, "noise_seed")[point]), tuple(z0.shape))
+        return {
+            "z_t": (1 - t) * z0 + t * eps,
+            "t": t,
+            "v": self._get(sample, "v")[point].float(),
+            "context": self._get(sample, "context").float(),
+            "pooled": self._get(sample, "pooled").float(),
+            "guidance": torch.tensor(self.settings.guidance, dtype=torch.float32),
+        }

@@ -1,0 +1,141 @@
+"""The distillation proxy: its metrics against closed forms, its data, and a tiny full run."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the proxy's digits come from scikit-learn")
+
+from comfyui_ternary_flux.bench import distill_proxy  # noqa: E402
+from comfyui_ternary_flux.bench.proxy_metrics import (  # noqa: E402
+    frechet_distance,
+    gaussian_frechet_distance,
+)
+
+
+def random_covariance(gen: torch.Generator, dim: int) -> torch.Tensor:
+    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    return a @ a.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    features = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gaussian_frechet_distance_matches_closed_form_for_commuting_covariances():
+    gen = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))
+    var_a = torch.rand(8, generator=gen, dtype=torch.float64) + 0.5
+    var_b = torch.rand(8, generator=gen, dtype=torch.float64) + 0.5
+    mean_a, mean_b = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    closed_form = (mean_a - mean_b).square().sum() + (var_a.sqrt() - var_b.sqrt()).square().sum()
+    got = gaussian_frechet_distance(
+        mean_a, q @ torch.diag(var_a) @ q.T, mean_b, q @ torch.diag(var_b) @ q.T
+    )
+    assert got == pytest.approx(float(closed_form), rel=1e-10)
+
+
+def test_gaussian_frechet_distance_matches_eigenvalues_of_the_product():
+    # tr (C_a C_b)^1/2 = sum of square roots of the (real, non-negative) eigenvalues of C_a C_b.
+    gen = torch.Generator().manual_seed(2)
+    cov_a, cov_b = random_covariance(gen, 12), random_covariance(gen, 12)
+    mean_a, mean_b = torch.randn(2, 12, generator=gen, dtype=torch.float64)
+    eigenvalues = np.linalg.eigvals(cov_a.numpy() @ cov_b.numpy()).real.clip(min=0)
+    expected = (
+        float((mean_a - mean_b).square().sum())
+        + float(cov_a.trace() + cov_b.trace())
+        - 2 * np.sqrt(eigenvalues).sum()
+    )
+    assert gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected)
+
+
+def test_frechet_distance_of_shifted_and_scaled_samples_is_exact():
+    # For b = c * a + shift the sample moments are exactly mean_a * c + shift and c^2 C_a,
+    # so the distance is |(c - 1) mean_a + shift|^2 + (c - 1)^2 tr C_a, whatever the sample.
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2000, 6, generator=gen, dtype=torch.float64) @ torch.randn(
+        6, 6, generator=gen, dtype=torch.float64
+    )
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0], dtype=torch.float64)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()))
+    expected = (a.mean(0) + shift).square().sum() + a.T.cov().trace()
+    assert frechet_distance(a, 2 * a + shift) == pytest.approx(float(expected))
+
+
+def test_frechet_distance_of_gaussian_samples_approaches_the_population_value():
+    gen = torch.Generator().manual_seed(4)
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    a = torch.randn(40_000, 4, generator=gen, dtype=torch.float64)
+    b = 3 * torch.randn(40_000, 4, generator=gen, dtype=torch.float64) + shift
+    # N(0, I) vs N(shift, 9 I): |shift|^2 + 4 * (1 - 3)^2 = 21.25; sampling error ~0.1.
+    assert frechet_distance(a, b) == pytest.approx(21.25, abs=0.4)
+
+
+def test_frechet_distance_rejects_mismatched_sets():
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        frechet_distance(torch.randn(10, 3), torch.randn(10, 4))
+    with pytest.raises(ValueError, match="N >= 2"):
+        frechet_distance(torch.randn(1, 3), torch.randn(10, 3))
+
+
+def test_recovered_share():
+    # Accuracy: higher is better; Frechet distance: lower is better. Same formula for both.
+    assert distill_proxy.recovered_share(0.9, 0.5, 0.86) == pytest.approx(0.9)
+    assert distill_proxy.recovered_share(1.0, 11.0, 2.0) == pytest.approx(0.9)
+    assert distill_proxy.recovered_share(0.9, 0.9, 0.8) is None
+
+
+def test_digits_split_is_stratified_disjoint_and_scaled():
+    digits = distill_proxy.load_digits(16, seed=0)
+    assert len(digits.train_labels) + len(digits.test_labels) == 1797
+    assert digits.train_images.shape[1:] == (1, 16, 16)
+    assert digits.train_images.min() >= -1 and digits.train_images.max() <= 1
+    for digit in range(10):
+        share = (digits.test_labels == digit).sum() / (digits.train_labels == digit).sum()
+        assert 0.2 < share < 0.3
+    again = distill_proxy.load_digits(16, seed=0)
+    assert torch.equal(again.test_images, digits.test_images)
+    assert not torch.equal(distill_proxy.load_digits(16, seed=1).test_labels, digits.test_labels)
+
+
+def test_latent_is_flux_shaped_and_round_trips():
+    images = torch.randn(3, 1, 32, 32)
+    latents = distill_proxy.to_latent(images)
+    assert latents.shape == (3, 16, 8, 8)
+    assert torch.equal(distill_proxy.to_images(latents), images)
+
+
+def test_tiny_end_to_end_run(tmp_path, capsys):
+    """The whole pipeline on the tiny setting: teacher, teacher data, trainer, metrics, files."""
+    assert distill_proxy.main(["--size", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "distill_proxy_tiny_seed0.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == list(distill_proxy.ROWS)
+    assert rows["teacher"]["velocity_mse"] == 0.0
+    # Residual-SVD LoRA and training bring the student closer to the teacher than plain PTQ.
+    assert (
+        0 < rows["distilled ternary + LoRA"]["velocity_mse"] < rows["plain ternary"]["velocity_mse"]
+    )
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1 and row["frechet_distance"] >= 0
+    table = (tmp_path / "distill_proxy_tiny_seed0.md").read_text()
+    assert "| recovered share |" in table and table in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        distill_proxy.main(["--size", "tiny", "--out", str(tmp_path)])  # no silent overwrite
+
+
+def test_teacher_training_is_deterministic():
+    size = dataclasses.replace(distill_proxy.SIZES["tiny"], teacher_steps=3)
+    digits = distill_proxy.load_digits(4 * size.latent_side, seed=0)
+    latents = distill_proxy.to_latent(digits.train_images)
+    prompts = distill_proxy.DigitPrompts(seed=0)
+    first, second = (
+        distill_proxy.train_teacher(size, latents, digits.train_labels, prompts, seed=5)
+        for _ in range(2)
+    )
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key

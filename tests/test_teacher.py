@@ -1,0 +1,119 @@
+"""Teacher data set: what is stored, resuming, sharding rules, and FLUX's schedule."""
+
+import json
+import math
+
+import pytest
+import torch
+from distill_helpers import PROMPTS, SETTINGS, build_data, teacher_state, tiny_encoder
+
+from comfyui_ternary_flux.ternary.flux_model import flux_from_state_dict
+from comfyui_ternary_flux.ternary.schedule import (
+    resolution_shift,
+    sampling_sigmas,
+    shift_time,
+)
+from comfyui_ternary_flux.ternary.teacher import (
+    TeacherDataError,
+    TeacherDataset,
+    TeacherSettings,
+    build_teacher_dataset,
+    euler_sample,
+    read_manifest,
+    shard_name,
+)
+
+
+def test_shift_follows_flux_resolution_rule():
+    assert resolution_shift(1024, 1024) == pytest.approx(1.15)
+    assert resolution_shift(256, 256) == pytest.approx(0.5)
+    assert resolution_shift(512, 512) == pytest.approx(0.5 + 0.65 * 768 / 3840)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        resolution_shift(1000, 1024)
+
+
+def test_sampling_sigmas_match_the_shift_formula():
+    sigmas = sampling_sigmas(4, 1.15)
+    assert sigmas[0] == 1 and sigmas[-1] == 0
+    u = 0.25
+    assert sigmas[3] == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1 / u - 1), rel=1e-12)
+    assert bool((sigmas[1:] < sigmas[:-1]).all())
+    assert shift_time(torch.tensor([0.5]), 0.0).item() == pytest.approx(0.5)
+
+
+def test_euler_reaches_z0_for_a_straight_path():
+    """On a straight path z_t = (1 - t) z0 + t eps the velocity is eps - z0, and Euler from
+    t = 1 lands exactly on z0: the sign and time conventions of the sampler."""
+    z0, eps = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
+    out = euler_sample(lambda z, t, c: eps - z0, eps, {}, sampling_sigmas(5, 1.15))
+    torch.testing.assert_close(out, z0)
+
+
+def test_data_set_stores_teacher_velocities_at_reconstructed_points(tmp_path):
+    manifest = build_data(tmp_path / "data")
+    assert manifest["complete"] and manifest["done_prompts"] == len(PROMPTS)
+    assert len(manifest["shards"]) == 3 and manifest["bytes"] == sum(
+        (tmp_path / "data" / s["file"]).stat().st_size for s in manifest["shards"]
+    )
+    data = TeacherDataset(tmp_path / "data")
+    assert len(data) == len(PROMPTS) * SETTINGS.points_per_prompt
+    teacher = flux_from_state_dict(teacher_state(), dtype=torch.float32).eval()
+    for index in (0, 5, 11):
+        ex = data.example(index)
+        assert ex["z_t"].shape == (16, 8, 8) and 0 < ex["t"] <= 1
+        with torch.no_grad():
+            v = teacher(ex["z_t"][None], ex["t"][None], ex["context"][None],
+                        ex["pooled"][None], ex["guidance"][None])  # fmt: skip
+        torch.testing.assert_close(v[0], ex["v"], rtol=1e-4, atol=1e-4)
+    context, _ = tiny_encoder()(PROMPTS[2])
+    torch.testing.assert_close(data.example(2 * 2)["context"], context)
+
+
+def test_resume_skips_finished_shards(tmp_path):
+    build_data(tmp_path / "data")
+    (tmp_path / "data" / shard_name(1)).unlink()
+    before = (tmp_path / "data" / shard_name(0)).stat().st_mtime_ns
+    encoded = []
+    teacher = flux_from_state_dict(teacher_state(), dtype=torch.float32).eval()
+    encoder = tiny_encoder()
+
+    def encode(prompt):
+        encoded.append(prompt)
+        return encoder(prompt)
+
+    manifest = build_teacher_dataset(
+        tmp_path / "data", PROMPTS, encode,
+        lambda z, t, c: teacher(z, t, c["context"], c["pooled"], c["guidance"]),
+        SETTINGS, log=lambda _: None,
+    )  # fmt: skip
+    assert encoded == PROMPTS[2:4]
+    assert manifest["complete"]
+    assert (tmp_path / "data" / shard_name(0)).stat().st_mtime_ns == before
+
+
+def test_other_settings_or_prompts_are_refused(tmp_path):
+    build_data(tmp_path / "data", prompts=PROMPTS[:2])
+    changed = TeacherSettings(**{**SETTINGS.__dict__, "steps": 4})
+    with pytest.raises(TeacherDataError, match="steps 3 there, 4 now"):
+        build_data(tmp_path / "data", settings=changed, prompts=PROMPTS[:2])
+    with pytest.raises(TeacherDataError, match="other prompts"):
+        build_data(tmp_path / "data", prompts=PROMPTS[:3])
+
+
+def test_incomplete_data_set_is_refused_for_training(tmp_path):
+    build_data(tmp_path / "data")
+    (tmp_path / "data" / shard_name(2)).unlink()
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    manifest["complete"] = False
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TeacherDataError, match="incomplete"):
+        TeacherDataset(tmp_path / "data")
+    with pytest.raises(TeacherDataError, match="not a teacher data set"):
+        read_manifest(tmp_path)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(TeacherDataError, match="unknown teacher setting"):
+        TeacherSettings.from_dict({"stpes": 3})
+    with pytest.raises(TeacherDataError, match="points_per_prompt"):
+        TeacherSettings(points_per_prompt=0)

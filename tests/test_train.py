@@ -1,0 +1,145 @@
+"""The trainer on a tiny FLUX: it learns, resumes bit for bit, writes a loadable v1 file,
+and refuses bad configs."""
+
+import json
+
+import pytest
+import torch
+from distill_helpers import build_data, tiny_config, write_teacher_file
+
+from comfyui_ternary_flux.ternary.distill_config import (
+    DistillConfig,
+    DistillConfigError,
+    load_config,
+)
+from comfyui_ternary_flux.ternary.fileformat import load_ternary_file
+from comfyui_ternary_flux.ternary.flux_model import ternary_flux_from_state_dict
+from comfyui_ternary_flux.ternary.progress import read_progress
+from comfyui_ternary_flux.ternary.student import load_student
+from comfyui_ternary_flux.ternary.teacher import TeacherDataset
+from comfyui_ternary_flux.ternary.train import distill
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    build_data(tmp / "data")
+    write_teacher_file(tmp / "teacher.safetensors")
+    return tmp
+
+
+def run(config, **kwargs):
+    student = load_student(config.model, config.lora_rank, dtype=torch.float32)
+    return distill(student, TeacherDataset(config.data), config, log=lambda _: None, **kwargs)
+
+
+def test_loss_decreases_and_output_loads(workspace, tmp_path):
+    config = tiny_config(
+        workspace, output=tmp_path / "out.safetensors", work_dir=tmp_path / "work",
+        steps=20, checkpoint_every=20, lr_lora=3e-3, lr_scale=3e-3,
+    )  # fmt: skip
+    result = run(config)
+    assert len(result.losses) == 20
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    status, steps = read_progress(tmp_path / "work")
+    assert status["state"] == "finished" and [s["step"] for s in steps] == list(range(1, 21))
+    assert [s["loss"] for s in steps] == result.losses
+
+    ckpt = load_ternary_file(result.output)
+    assert ckpt.lora_rank == 4 and len(ckpt.layers) == 26
+    model = ternary_flux_from_state_dict(ckpt.state_dict, ckpt.layers, dtype=torch.float32)
+    data = TeacherDataset(config.data)
+    ex = data.example(3)
+    args = [ex[k][None] for k in ("z_t", "t", "context", "pooled", "guidance")]
+    trained_loss = torch.nn.functional.mse_loss(model(*args)[0], ex["v"]).item()
+    untrained = load_student(config.model, 4, dtype=torch.float32)
+    untrained_loss = torch.nn.functional.mse_loss(untrained(*args)[0], ex["v"]).item()
+    assert trained_loss < untrained_loss
+
+
+def test_killed_run_resumes_to_the_same_result(workspace, tmp_path):
+    whole = tiny_config(workspace, output=tmp_path / "a.safetensors", work_dir=tmp_path / "a")
+    reference = run(whole)
+
+    killed = tiny_config(workspace, output=tmp_path / "b.safetensors", work_dir=tmp_path / "b")
+
+    def crash(step, loss):
+        if step == 3:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(killed, on_step=crash)
+    assert not (tmp_path / "b.safetensors").exists()
+    resumed = run(killed)
+    assert resumed.losses == reference.losses[2:]  # resumed from the step-2 checkpoint
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for name, tensor in a["trainable"].items():
+        assert torch.equal(tensor, b["trainable"][name]), name
+    _, steps = read_progress(tmp_path / "b")
+    assert [s["loss"] for s in steps] == reference.losses
+
+
+def test_stop_saves_a_checkpoint_and_returns(workspace, tmp_path):
+    config = tiny_config(workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w")
+    calls = []
+    result = run(config, should_stop=lambda: calls.append(1) or len(calls) == 3)
+    assert result.output is None and result.step == 3
+    assert torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert read_progress(tmp_path / "w")[0]["state"] == "stopped"
+
+
+def test_resume_with_other_settings_is_refused(workspace, tmp_path):
+    config = tiny_config(workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w")
+    run(config, should_stop=lambda: True)
+    changed = tiny_config(
+        workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w", lr_lora=5e-4
+    )
+    with pytest.raises(ValueError, match="lr_lora"):
+        run(changed)
+
+
+def test_existing_output_is_not_overwritten(workspace, tmp_path):
+    (tmp_path / "o.safetensors").write_bytes(b"mine")
+    config = tiny_config(workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run(config)
+    assert (tmp_path / "o.safetensors").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stpes": 3}, "unknown setting"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"batch_size": 3, "micro_batch": 2}, "multiple of micro_batch"),
+        ({"lr_lora": "fast"}, "lr_lora must be a float"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"scale_rule": "max"}, "scale_rule"),
+    ],
+)
+def test_bad_config_values_are_refused(tmp_path, change, message):
+    values = {"model": "m.safetensors", "data": "d", "output": "o.safetensors", **change}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(DistillConfigError, match=message):
+        load_config(path)
+
+
+def test_config_files(tmp_path):
+    with pytest.raises(DistillConfigError, match="missing required setting"):
+        DistillConfig.from_dict({"model": "m"})
+    with pytest.raises(DistillConfigError, match="not found"):
+        load_config(tmp_path / "none.json")
+    (tmp_path / "c.yaml").write_text("a: 1")
+    with pytest.raises(DistillConfigError, match="json or .toml"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.toml").write_text('model = "m.safetensors"\ndata = "d"\noutput = "o"\n')
+    config = load_config(tmp_path / "c.toml")
+    assert config.model == str(tmp_path / "m.safetensors")
+    assert config.work_path == tmp_path / "o.work"
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DistillConfigError, match="cannot parse"):
+        load_config(tmp_path / "bad.json")

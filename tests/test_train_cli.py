@@ -1,0 +1,44 @@
+"""The ``teacher`` and ``distill`` subcommands end to end on the tiny model (one process)."""
+
+import json
+
+import pytest
+
+from comfyui_ternary_flux.ternary.cli import main
+from comfyui_ternary_flux.ternary.fileformat import load_ternary_file
+from comfyui_ternary_flux.ternary.progress import read_progress
+from comfyui_ternary_flux.ternary.teacher import read_manifest
+
+
+def test_teacher_then_distill(tmp_path):
+    teacher = {"model": "random:tiny:3", "output": "data", "prompts": ["a cat", "a dog", "a cup"],
+               "width": 64, "height": 64, "steps": 2, "points_per_prompt": 2, "shard_size": 2,
+               "device": "cpu"}  # fmt: skip
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    assert main(["teacher", str(tmp_path / "teacher.json")]) == 0
+    manifest = read_manifest(tmp_path / "data")
+    assert manifest["complete"] and manifest["prompts"] == teacher["prompts"]
+    assert manifest["settings"]["shift"] == pytest.approx(0.5 - 0.65 * 240 / 3840)
+
+    (tmp_path / "distill.toml").write_text(
+        'model = "random:tiny:3"\ndata = "data"\noutput = "student.safetensors"\n'
+        "lora_rank = 2\nsteps = 3\nbatch_size = 2\ncheckpoint_every = 2\ndevice = 'cpu'\n"
+    )
+    assert main(["distill", str(tmp_path / "distill.toml")]) == 0
+    assert load_ternary_file(tmp_path / "student.safetensors").lora_rank == 2
+    status, steps = read_progress(tmp_path / "student.safetensors.work")
+    assert status["state"] == "finished" and len(steps) == 3
+
+
+def test_bad_command_configs(tmp_path, capsys):
+    (tmp_path / "t.json").write_text(json.dumps({"model": "random:huge:1", "output": "d"}))
+    assert main(["teacher", str(tmp_path / "t.json")]) == 2
+    assert "random:tiny:SEED" in capsys.readouterr().err
+    (tmp_path / "t.json").write_text(json.dumps({"model": "random:tiny:1", "output": "d",
+                                                 "step": 3}))  # fmt: skip
+    assert main(["teacher", str(tmp_path / "t.json")]) == 2
+    assert "unknown teacher setting" in capsys.readouterr().err
+    (tmp_path / "d.json").write_text(json.dumps({"model": "none.safetensors", "data": "d",
+                                                 "output": "o.safetensors"}))  # fmt: skip
+    assert main(["distill", str(tmp_path / "d.json")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

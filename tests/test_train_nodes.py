@@ -1,0 +1,136 @@
+"""The distillation nodes in-process on a tiny FLUX MODEL: teacher data from ComfyUI's model,
+in-process distillation to a loadable ternary MODEL, interrupt + resume, and job status."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfyui_harness import import_comfyui
+
+from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
+from comfyui_ternary_flux.ternary.teacher import TeacherDataset, hashed_prompt_encoder
+
+import_comfyui()
+
+import comfy.model_management  # noqa: E402
+import comfy.sd  # noqa: E402
+import folder_paths  # noqa: E402
+
+from comfyui_ternary_flux.nodes import distill as nodes  # noqa: E402
+from comfyui_ternary_flux.nodes.ternary_ops import ternary_modules  # noqa: E402
+
+
+class StubClip:
+    """Stands in for FLUX's CLIP-L + T5 (no text encoder weights here): seeded tensors."""
+
+    def __init__(self) -> None:
+        self.encode = hashed_prompt_encoder(context_len=6)
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        context, pooled = self.encode(tokens)
+        return context[None], pooled[None]
+
+
+@pytest.fixture()
+def comfy_dirs(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    folder_paths.add_model_folder_path("ternary", str(tmp_path / "ternary"), is_default=True)
+    (tmp_path / "ternary").mkdir()
+    return tmp_path
+
+
+def tiny_model():
+    state = random_flux_state_dict(TINY_FLUX, seed=21, dtype=torch.bfloat16)
+    return comfy.sd.load_diffusion_model_state_dict(state)
+
+
+def build(model, **overrides):
+    values = dict(
+        model=model, clip=StubClip(), dataset="tiny", prompts="a red cube\na blue ball\na cup",
+        prompt_file="", generate=4, width=64, height=64, steps=2, guidance=3.5,
+        points_per_prompt=2, seed=0, shard_size=2,
+    )  # fmt: skip
+    values.update(overrides)
+    return nodes.BuildTeacherDataset.execute(**values).args
+
+
+NUMBERS = dict(lora_rank=2, steps=4, batch_size=2, micro_batch=1, lr_lora=1e-3, lr_scale=1e-3,
+               scale_rule="absmean", checkpoint_every=2, seed=0)  # fmt: skip
+
+
+def test_teacher_velocities_come_from_comfyui_model(comfy_dirs):
+    model = tiny_model()
+    path, report = build(model)
+    assert "3/3 prompts" in report
+    data = TeacherDataset(path)
+    ex = data.example(1)
+    v = nodes.comfy_velocity_fn(model)(
+        ex["z_t"][None], ex["t"][None],
+        {"context": ex["context"][None], "pooled": ex["pooled"][None],
+         "guidance": ex["guidance"][None]},
+    )  # fmt: skip
+    torch.testing.assert_close(v[0].to(torch.bfloat16).float(), ex["v"], rtol=2e-2, atol=2e-2)
+
+
+def test_distill_node_interrupts_then_resumes_to_a_ternary_model(comfy_dirs, monkeypatch):
+    model = tiny_model()
+    build(model)
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        return len(calls) == 2
+
+    monkeypatch.setattr(comfy.model_management, "processing_interrupted", interrupted)
+    comfy.model_management.interrupt_current_processing(True)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        nodes.DistillTernary.execute(
+            model=model, dataset="tiny", name="job", gradient_checkpointing=True, **NUMBERS
+        )
+    status, steps = nodes.read_progress(nodes.job_dir("job"))
+    assert status["state"] == "stopped" and len(steps) == 2
+    monkeypatch.setattr(comfy.model_management, "processing_interrupted", lambda: False)
+    patcher, loss_map, file = nodes.DistillTernary.execute(
+        model=model, dataset="tiny", name="job", gradient_checkpointing=True, **NUMBERS
+    ).args
+    assert len(loss_map["loss"]) == 4 and file.endswith("job.safetensors")
+    assert len(ternary_modules(patcher)) == 26
+    text = nodes.JobStatus.execute(job="job").args[0]
+    assert "finished, step 4/4" in text and "job.safetensors" in text
+
+
+def test_job_status_of_unknown_job_and_bad_names(comfy_dirs):
+    assert "not started" in nodes.JobStatus.execute(job="nothing").args[0]
+    with pytest.raises(ValueError, match="invalid job name"):
+        nodes.job_dir("../escape")
+
+
+def test_distill_job_runs_in_the_background_and_status_follows_it(comfy_dirs):
+    import time
+
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    build(model)
+    (comfy_dirs / "dm").mkdir()
+    save_file(
+        random_flux_state_dict(TINY_FLUX, seed=21), str(comfy_dirs / "dm" / "tiny.safetensors")
+    )
+    folder_paths.add_model_folder_path("diffusion_models", str(comfy_dirs / "dm"), is_default=True)
+    name, report = nodes.DistillJob.execute(
+        model_file="tiny.safetensors", dataset="tiny", name="bg", gpus=1, **NUMBERS
+    ).args
+    assert "torch.distributed.run" in report
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status, _ = nodes.read_progress(nodes.job_dir("bg"))
+        if status.get("state") == "finished":
+            break
+        time.sleep(0.5)
+    log = (nodes.job_dir("bg") / "job.log").read_text()
+    assert status.get("state") == "finished", log[-2000:]
+    text, loss_map = nodes.JobStatus.execute(job="bg").args
+    assert "finished, step 4/4" in text and len(loss_map["loss"]) == 4
