@@ -1,21 +1,48 @@
 """One entry point for every ternary linear: picks the Triton kernels or the torch reference.
 
+Triton runs on NVIDIA GPUs of compute capability 8.0+ (Ampere, Ada, Hopper) for fp16 / bf16 /
+fp32 inputs; everything else (CPU, MPS, ROCm, older GPUs, float64) takes the reference.
 ``TERNARY_FLUX_BACKEND=reference`` forces the reference path (for comparisons).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
 
 from .reference import ternary_linear_reference
 
+BACKENDS = ("auto", "reference")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _requested_backend() -> str:
+    backend = os.environ.get("TERNARY_FLUX_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"TERNARY_FLUX_BACKEND={backend!r}: expected one of {BACKENDS}")
+    return backend
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
 
 def backend_for(x: torch.Tensor) -> str:
     """Name of the path a tensor on this device would take: 'triton' or 'reference'."""
-    if os.environ.get("TERNARY_FLUX_BACKEND") == "reference":
+    if _requested_backend() == "reference":
         return "reference"
+    if (
+        x.is_cuda
+        and torch.version.hip is None
+        and x.dtype in TRITON_DTYPES
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and _triton_installed()
+    ):
+        return "triton"
     return "reference"
 
 
@@ -33,8 +60,14 @@ def ternary_linear(
     """y = (x T^T) * s + bias + lora_scale * (x down^T) up^T for a 2bit-packed T [N, K].
 
     x: [..., K] float16 / bfloat16 / float32; returns x's dtype. Differentiable in x,
-    weight_scale, bias and the LoRA factors.
+    weight_scale, bias and the LoRA factors. ``act_bits=8`` rounds x per token to fp8 e4m3.
     """
+    if backend_for(x) == "triton":
+        from .triton_linear import ternary_linear_triton
+
+        return ternary_linear_triton(
+            x, weight, weight_scale, in_features, bias, lora_down, lora_up, lora_scale, act_bits
+        )
     return ternary_linear_reference(
         x, weight, weight_scale, in_features, bias, lora_down, lora_up, lora_scale, act_bits
     )

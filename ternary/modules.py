@@ -44,6 +44,7 @@ class TernaryLinear(nn.Module):
         )
         self.lora_down: nn.Parameter | None = None
         self.lora_up: nn.Parameter | None = None
+        self._lora_scale = 0.0
         if lora_rank:
             self.add_lora(lora_rank, dtype=dtype, device=device)
 
@@ -66,6 +67,16 @@ class TernaryLinear(nn.Module):
             torch.zeros(self.out_features, rank, dtype=dtype, device=device)
         )
         self.register_buffer("lora_alpha", torch.tensor(float(alpha or rank), device=device))
+        self._refresh_lora_scale()
+
+    def _refresh_lora_scale(self) -> None:
+        # Kept as a Python float: reading the alpha buffer on every call would synchronize
+        # the GPU once per layer (hundreds of stalls per sampling step).
+        self._lora_scale = float(self.lora_alpha) / self.lora_rank if self.lora_rank else 0.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_lora_scale()
 
     @classmethod
     def from_dense(
@@ -108,7 +119,8 @@ class TernaryLinear(nn.Module):
 
     @property
     def lora_scale(self) -> float:
-        return float(self.lora_alpha) / self.lora_rank if self.lora_rank else 0.0
+        """alpha / r, the LoRA branch's multiplier (0 without a LoRA)."""
+        return self._lora_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ternary_linear(

@@ -27,7 +27,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,15 +308,62 @@ def import_reproduction(
         if out_path.resolve() in (base_path.resolve(), checkpoint_path.resolve()):
             raise ValueError("the output must not be one of the input files")
     _, infos = read_header(base_path)
-    names = {strip_prefix(k): k for k in diffusion_model_keys(list(infos))}
-    shapes = {k: (dtype_from_name(infos[names[k]][0]), infos[names[k]][1]) for k in names}
+    keys = diffusion_model_keys(list(infos))
+    shapes = {k: (dtype_from_name(infos[k][0]), infos[k][1]) for k in keys}
+    with safe_open(str(base_path), framework="pt", device="cpu") as f:
+        return _import(
+            shapes,
+            f.get_tensor,
+            base_path.name,
+            checkpoint_path,
+            out_path,
+            packing,
+            overwrite,
+            progress,
+        )
+
+
+def import_reproduction_from_weights(
+    base: Mapping[str, torch.Tensor],
+    checkpoint_path: str | os.PathLike,
+    *,
+    source: str = "base weights",
+    packing: str = "2bit",
+    progress: Progress | None = None,
+) -> ReproductionImport:
+    """:func:`import_reproduction` in memory, with the bf16 base given as tensors.
+
+    For a base that is already loaded (a ComfyUI MODEL): ``base`` maps BFL / ComfyUI
+    names to tensors, read one at a time; ``source`` names the base in messages and
+    metadata. Raises as :func:`import_reproduction` does.
+    """
+    shapes = {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in base.items()}
+    return _import(
+        shapes, base.__getitem__, source, Path(checkpoint_path), None, packing, False, progress
+    )
+
+
+def _import(
+    base_shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    get: Callable[[str], torch.Tensor],
+    source: str,
+    checkpoint_path: Path,
+    out_path: Path | None,
+    packing: str,
+    overwrite: bool,
+    progress: Progress | None,
+) -> ReproductionImport:
+    """The import of both entry points: ``base_shapes`` (key -> (dtype, shape)) and ``get``
+    (key -> tensor) describe the base under its own key names."""
+    names = {strip_prefix(k): k for k in diffusion_model_keys(list(base_shapes))}
+    shapes = {k: base_shapes[names[k]] for k in names}
     config = detect_config({k: s for k, (_, s) in shapes.items()})
     linears = _plan_linears({k: s for k, (_, s) in shapes.items()}, config.hidden_size)
     for lin in linears:
         dtype = shapes[f"{lin.module}.weight"][0]
         if dtype not in _BASE_DTYPES:
             raise ValueError(
-                f"{base_path.name}: {lin.module}.weight is {dtype}; the reproduction's ternary "
+                f"{source}: {lin.module}.weight is {dtype}; the reproduction's ternary "
                 "weights are recomputed from the bf16 FLUX.1-dev weights, so use the bf16 base"
             )
     state = load_checkpoint(checkpoint_path)
@@ -330,27 +377,20 @@ def import_reproduction(
         rank,
         "absmean",
         {
-            "source": base_path.name,
+            "source": source,
             "architecture": "flux",
             "imported_from": f"1.58bit-flux reproduction: {checkpoint_path.name}",
         },
     )
     result = ReproductionImport(layers, rank, metadata)
-    with safe_open(str(base_path), framework="pt", device="cpu") as f:
-        loop = _convert(
-            lambda key: f.get_tensor(names[key]),
-            list(names),
-            by_module,
-            state,
-            rank,
-            packing,
-            progress,
-        )
-        if out_path is None:
-            result.tensors = dict(loop)
-            return result
-        entries = _entries(shapes, by_module, rank, lora_dtype, packing)
-        with StreamingWriter(out_path, entries, metadata, overwrite=overwrite) as writer:
-            for key, tensor in loop:
-                writer.write(key, tensor)
+    loop = _convert(
+        lambda key: get(names[key]), list(names), by_module, state, rank, packing, progress
+    )
+    if out_path is None:
+        result.tensors = dict(loop)
+        return result
+    entries = _entries(shapes, by_module, rank, lora_dtype, packing)
+    with StreamingWriter(out_path, entries, metadata, overwrite=overwrite) as writer:
+        for key, tensor in loop:
+            writer.write(key, tensor)
     return result

@@ -1,0 +1,38 @@
+"""The ``models/ternary`` folder: ternary files (.safetensors) and reproduction .pt files."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+FOLDER = "ternary"
+EXTENSIONS = {".safetensors", ".pt"}
+
+
+def register() -> None:
+    """Add ``<models>/ternary`` to ComfyUI's model folders (extra_model_paths may add more)."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+    folder_paths.folder_names_and_paths[FOLDER][1].update(EXTENSIONS)
+
+
+def files(suffix: str) -> list[str]:
+    """Files of the ternary folder(s) ending in ``suffix``."""
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(suffix)]
+
+
+def output_path(name: str) -> str:
+    """A new file in the first ternary folder: ``name`` itself, or ``name_00001`` and on.
+
+    Never returns an existing file: saving must not overwrite a user's model.
+    """
+    folder = folder_paths.get_folder_paths(FOLDER)[0]
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    if not stem or os.path.isabs(stem) or ".." in stem.replace("\\", "/").split("/"):
+        raise ValueError(f"invalid file name {name!r}: give a name inside models/ternary")
+    path = os.path.join(folder, f"{stem}.safetensors")
+    counter = 1
+    while os.path.exists(path):
+        path = os.path.join(folder, f"{stem}_{counter:05d}.safetensors")
+        counter += 1
+    return path

@@ -1,0 +1,120 @@
+"""Ternary FLUX state dicts <-> ComfyUI MODELs (ModelPatchers).
+
+Loading goes through ComfyUI's own ``load_diffusion_model_state_dict`` with
+``custom_operations`` = :class:`TernaryOps`, so detection, dtype choice, device placement,
+offloading and Dynamic VRAM are ComfyUI's, and the result is an ordinary MODEL.
+"""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management
+import comfy.sd
+import torch
+
+from ..ternary.fileformat import load_ternary_file
+from ..ternary.flux import detect_config
+from .lora_branches import install
+from .ternary_ops import TernaryOps, ternary_modules
+
+ACT_BITS = {"16-bit": 16, "8-bit (fp8 per token)": 8}
+
+
+def patcher_from_state_dict(tensors: dict[str, torch.Tensor], act_bits: int = 16, **kwargs):
+    """A ComfyUI MODEL of a v1 state dict (2bit-packed ternary layers, BFL names)."""
+    patcher = comfy.sd.load_diffusion_model_state_dict(
+        dict(tensors), model_options={"custom_operations": TernaryOps}, **kwargs
+    )
+    if patcher is None:
+        raise ValueError("ComfyUI did not recognise these weights as a diffusion model")
+    layers = ternary_modules(patcher)
+    if not layers:
+        raise ValueError("no ternary layers found in this model")
+    for module in layers.values():
+        module.act_bits = act_bits
+    install(patcher)
+    return patcher
+
+
+def load_ternary_patcher(path: str | os.PathLike, act_bits: int = 16, disable_dynamic=False):
+    """A ComfyUI MODEL of a v1 ternary file (raises TernaryFormatError on a bad file)."""
+    checkpoint = load_ternary_file(path)
+    patcher = patcher_from_state_dict(
+        checkpoint.state_dict, act_bits, disable_dynamic=disable_dynamic
+    )
+    # ComfyUI rebuilds a model from this when it needs a fresh, non-dynamic copy.
+    patcher.cached_patcher_init = (load_ternary_patcher, (str(path), act_bits))
+    return patcher
+
+
+def bfl_state_dict(patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's state dict in BFL names (ComfyUI renames ``*_norm.scale``)."""
+    state = {}
+    for key, tensor in patcher.model.diffusion_model.state_dict().items():
+        if key.endswith(("query_norm.weight", "key_norm.weight")):
+            key = key[: -len("weight")] + "scale"
+        state[key] = tensor
+    return state
+
+
+def dense_state_dict(patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights with the MODEL's patches (LoRAs) merged, as plain tensors.
+
+    Mirrors ComfyUI's own ModelSave: the patched model is loaded, then read. Quantized
+    ComfyUI weights (fp8 / comfy_quant) come back dequantized.
+    """
+    from comfy.quant_ops import QuantizedTensor
+
+    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
+    state = bfl_state_dict(patcher)
+    for key, tensor in state.items():
+        if isinstance(tensor, QuantizedTensor):
+            state[key] = tensor.dequantize()
+    return state
+
+
+def check_flux(patcher) -> None:
+    """Raise a readable error unless this MODEL is a dense FLUX.1 diffusion model."""
+    if ternary_modules(patcher):
+        raise ValueError("this MODEL is already ternary")
+    detect_config(logical_shapes(patcher))  # raises NotFluxError naming what is missing
+
+
+def logical_shapes(patcher) -> dict[str, tuple[int, ...]]:
+    """{BFL key: logical shape} of a MODEL's diffusion model; ternary layers count as [N, K]."""
+    shapes = {k: tuple(v.shape) for k, v in bfl_state_dict(patcher).items()}
+    for name, layer in ternary_modules(patcher).items():
+        shapes[f"{name}.weight"] = (layer.out_features, layer.in_features)
+    return shapes
+
+
+def check_bf16_flux(patcher) -> None:
+    """Raise a readable error unless this MODEL holds the plain bf16 weights of a FLUX.1 model.
+
+    ComfyUI may hold bf16 weights upcast to fp32 (on the CPU): those are accepted when
+    every value is still a bf16 value, so the ternary values recomputed from them are the
+    reproduction's own.
+    """
+    from comfy.quant_ops import QuantizedTensor
+
+    check_flux(patcher)
+    if patcher.patches:
+        raise ValueError(
+            f"this MODEL carries patches on {len(patcher.patches)} weights (LoRAs?): connect "
+            "the plain bf16 FLUX.1-dev, from before the LoRA loaders"
+        )
+    for key, tensor in bfl_state_dict(patcher).items():
+        if isinstance(tensor, QuantizedTensor):
+            found = "a quantized weight"
+        elif tensor.dtype not in (torch.bfloat16, torch.float32):
+            found = str(tensor.dtype)
+        elif tensor.dtype == torch.float32 and not torch.equal(tensor, tensor.bfloat16().float()):
+            found = "float32 with values that are not bf16 values"
+        else:
+            continue
+        raise ValueError(
+            f"this MODEL is not the bf16 FLUX.1-dev: {key} is {found}. Load the bf16 file "
+            "with Load Diffusion Model (weight_dtype default): the reproduction's ternary "
+            "weights are recomputed from exactly those weights"
+        )

@@ -1,0 +1,346 @@
+"""The ComfyUI glue in-process: ternary layers inside ComfyUI's FLUX, LoRA branches, files.
+
+Every check compares against ComfyUI itself running the dequantized model (s T + LoRA as
+dense float32 weights), so it tests the integration, not a copy of our own formulas.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfyui_harness import import_comfyui
+from safetensors.torch import save_file
+from test_reproduction import make_checkpoint, to_diffusers
+
+from comfyui_ternary_flux.ternary.convert import quantize_state_dict
+from comfyui_ternary_flux.ternary.flux import TINY_FLUX, is_block_linear, random_flux_state_dict
+from comfyui_ternary_flux.ternary.packing import unpack_2bit
+from comfyui_ternary_flux.ternary.report import relative_error
+from comfyui_ternary_flux.ternary.reproduction import import_reproduction
+
+import_comfyui()
+
+import comfy.model_management  # noqa: E402
+import comfy.sd  # noqa: E402
+import folder_paths  # noqa: E402
+
+from comfyui_ternary_flux.nodes import lora_branches  # noqa: E402
+from comfyui_ternary_flux.nodes.model_io import (  # noqa: E402
+    check_bf16_flux,
+    check_flux,
+    patcher_from_state_dict,
+)
+from comfyui_ternary_flux.nodes.report_node import (  # noqa: E402
+    TernaryReport,
+    measure,
+    step_inputs,
+)
+from comfyui_ternary_flux.nodes.reproduction_node import LoadReproductionCheckpoint  # noqa: E402
+from comfyui_ternary_flux.nodes.save_node import ternary_file_tensors  # noqa: E402
+from comfyui_ternary_flux.nodes.ternary_ops import ComfyTernaryLinear, ternary_modules  # noqa: E402
+from comfyui_ternary_flux.ternary.fileformat import load_ternary_file, save_ternary_file  # noqa: E402
+
+H = TINY_FLUX.hidden_size
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    state = random_flux_state_dict(TINY_FLUX, seed=1)
+    tensors, layers, _ = quantize_state_dict(state, lora_rank=4)
+    return tensors, layers
+
+
+def dequantized(tensors, layers) -> dict[str, torch.Tensor]:
+    """The dense float32 model that a ternary state dict stands for."""
+    dense = {}
+    for key, value in tensors.items():
+        module, suffix = key.rsplit(".", 1)
+        if module not in layers:
+            dense[key] = value.float()
+        elif suffix == "weight":
+            n, k = layers[module]
+            w = unpack_2bit(value, k, torch.float32) * tensors[f"{module}.weight_scale"][:, None]
+            if f"{module}.lora_down" in tensors:
+                alpha = float(tensors[f"{module}.lora_alpha"])
+                down = tensors[f"{module}.lora_down"].float()
+                w = w + alpha / down.shape[0] * tensors[f"{module}.lora_up"].float() @ down
+            dense[key] = w
+        elif suffix == "bias":
+            dense[key] = value.float()
+    return dense
+
+
+def run(patcher, seed: int = 0) -> torch.Tensor:
+    """One forward of the diffusion model, after ComfyUI has loaded (and patched) it."""
+    comfy.model_management.load_models_gpu([patcher])
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 8, 8, generator=gen)
+    context = torch.randn(1, 5, TINY_FLUX.context_in_dim, generator=gen)
+    y = torch.randn(1, TINY_FLUX.vec_in_dim, generator=gen)
+    model = patcher.model.diffusion_model
+    with torch.inference_mode():
+        return model(x, torch.tensor([0.7]), context, y=y, guidance=torch.tensor([3.5])).float()
+
+
+def assert_close(out, ref, tol=1e-4):
+    err = float((out - ref).norm() / ref.norm())
+    assert err < tol, f"relative error {err:.2e}"
+
+
+def test_ternary_layers_replace_exactly_the_block_linears(quantized):
+    tensors, layers = quantized
+    patcher = patcher_from_state_dict(tensors)
+    found = ternary_modules(patcher)
+    assert set(found) == set(layers)
+    assert all(is_block_linear(name) for name in found)
+    # ComfyUI's memory planning sees the real (packed) bytes, not a dense model's.
+    dense_bytes = sum(t.nbytes for t in dequantized(tensors, layers).values())
+    assert patcher.model_size() < dense_bytes / 2
+
+
+def test_forward_matches_comfyui_on_the_dequantized_model(quantized):
+    tensors, layers = quantized
+    out = run(patcher_from_state_dict(tensors))
+    ref = run(comfy.sd.load_diffusion_model_state_dict(dequantized(tensors, layers)))
+    assert_close(out, ref)
+
+
+def lora_file(rank: int = 3, seed: int = 2) -> dict[str, torch.Tensor]:
+    """A FLUX LoRA in mixed naming: diffusers slices of the fused qkv and kohya linear1."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return 0.05 * torch.randn(*shape, generator=gen)
+
+    lora = {}
+    for name in ("to_q", "to_v", "add_k_proj"):
+        prefix = f"transformer.transformer_blocks.0.attn.{name}"
+        lora[f"{prefix}.lora_A.weight"] = rand(rank, H)
+        lora[f"{prefix}.lora_B.weight"] = rand(H, rank)
+    prefix = "lora_unet_single_blocks_1_linear1"
+    lora[f"{prefix}.lora_down.weight"] = rand(rank, H)
+    lora[f"{prefix}.lora_up.weight"] = rand(3 * H + TINY_FLUX.mlp_hidden, rank)
+    lora[f"{prefix}.alpha"] = torch.tensor(1.5)
+    lora["lora_unet_double_blocks_1_img_mlp_2.diff_b"] = rand(H)
+    return lora
+
+
+def with_lora(patcher, lora, strength):
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
+    return patched
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_comfyui_lora_runs_as_branches_with_the_right_strength(quantized, strength):
+    tensors, layers = quantized
+    lora = lora_file()
+    base = patcher_from_state_dict(tensors)
+    qkv = ternary_modules(base)["double_blocks.0.img_attn.qkv"]
+    packed = qkv.weight.clone()
+    patched = with_lora(base, lora, strength)
+    assert ("diffusion_model.double_blocks.0.img_attn.qkv.weight") in patched.patches
+    out = run(patched)
+    assert qkv.patch_down is not None and qkv.patch_down.shape[0] == 2 * 3  # to_q + to_v
+    assert torch.equal(qkv.weight, packed)  # never merged into the ternary weight
+    ref = run(
+        with_lora(
+            comfy.sd.load_diffusion_model_state_dict(dequantized(tensors, layers)), lora, strength
+        )
+    )
+    assert_close(out, ref)
+    no_lora = run(patcher_from_state_dict(tensors))
+    assert float((out - no_lora).norm() / no_lora.norm()) > 1e-3
+
+
+def test_base_model_is_clean_again_after_a_lora_run(quantized):
+    tensors, _ = quantized
+    base = patcher_from_state_dict(tensors)
+    before = run(base, seed=5)
+    run(with_lora(base, lora_file(), 1.0), seed=5)
+    assert torch.equal(run(base, seed=5), before)
+
+
+def test_lokr_falls_back_to_an_exact_dense_branch(quantized):
+    tensors, layers = quantized
+    gen = torch.Generator().manual_seed(3)
+    prefix = "lora_unet_double_blocks_0_img_attn_proj"
+    lokr = {
+        f"{prefix}.lokr_w1": 0.1 * torch.randn(16, 16, generator=gen),
+        f"{prefix}.lokr_w2": 0.1 * torch.randn(H // 16, H // 16, generator=gen),
+    }
+    out = run(with_lora(patcher_from_state_dict(tensors), lokr, 0.8))
+    dense = comfy.sd.load_diffusion_model_state_dict(dequantized(tensors, layers))
+    assert_close(out, run(with_lora(dense, lokr, 0.8)))
+
+
+def test_dora_is_refused_with_a_message(quantized):
+    tensors, _ = quantized
+    lora = lora_file()
+    lora["lora_unet_single_blocks_1_linear1.dora_scale"] = torch.ones(1, H)
+    patched = with_lora(patcher_from_state_dict(tensors), lora, 1.0)
+    with pytest.raises(
+        lora_branches.UnsupportedPatchError, match="single_blocks.1.linear1.weight: DoRA"
+    ):
+        run(patched)
+
+
+def test_save_load_round_trip_is_identical(quantized, tmp_path):
+    tensors, _ = quantized
+    patcher = patcher_from_state_dict(tensors)
+    for packing in ("2bit", "base3"):
+        data, layers, rank = ternary_file_tensors(patcher, packing)
+        path = tmp_path / f"model_{packing}.safetensors"
+        save_ternary_file(path, data, layers, packing=packing, lora_rank=rank)
+        loaded = load_ternary_file(path)
+        assert loaded.lora_rank == 4
+        assert torch.equal(run(patcher_from_state_dict(loaded.state_dict)), run(patcher))
+
+
+def test_saving_a_patched_model_is_refused(quantized):
+    tensors, _ = quantized
+    patched = with_lora(patcher_from_state_dict(tensors), lora_file(), 1.0)
+    with pytest.raises(ValueError, match="LoRA"):
+        ternary_file_tensors(patched, "2bit")
+
+
+class NotFlux:
+    """Stands for a MODEL whose diffusion model is not FLUX."""
+
+    class model:
+        diffusion_model = torch.nn.Linear(4, 4)
+
+
+def test_quantize_refuses_non_flux_and_ternary_models(quantized):
+    tensors, _ = quantized
+    with pytest.raises(ValueError, match="already ternary"):
+        check_flux(patcher_from_state_dict(tensors))
+
+    with pytest.raises(ValueError, match="not a FLUX.1 diffusion model: missing img_in.weight"):
+        check_flux(NotFlux)
+
+
+def test_layer_streams_from_the_offload_device():
+    gen = torch.Generator().manual_seed(0)
+    dense, bias = torch.randn(40, 300, generator=gen), torch.randn(40, generator=gen)
+    layer = ComfyTernaryLinear.from_dense(dense, bias, lora_rank=2)
+    x = torch.randn(3, 300, generator=gen, dtype=torch.float64)
+    w = unpack_2bit(layer.weight, 300, torch.float64) * layer.weight_scale.double()[:, None]
+    w = w + layer.lora_scale * layer.lora_up.double() @ layer.lora_down.double()
+    torch.testing.assert_close(layer(x), x @ w.T + layer.bias.double(), rtol=1e-12, atol=1e-12)
+    assert "bias" in dict(layer.named_buffers())  # the ModelPatcher never merges into it
+
+
+def velocity(patcher, inputs) -> torch.Tensor:
+    """FLUX's prediction at sigma 1, straight from ComfyUI's diffusion model (float32, CPU)."""
+    comfy.model_management.load_models_gpu([patcher])
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(
+            inputs.noise,
+            torch.tensor([1.0]),
+            inputs.context,
+            y=inputs.pooled,
+            guidance=torch.tensor([inputs.guidance]),
+        ).float()
+
+
+def test_report_measures_the_model_call_of_the_sampler(quantized):
+    tensors, layers = quantized
+    ternary = patcher_from_state_dict(tensors)
+    source = comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=1))
+    gen = torch.Generator().manual_seed(9)
+    context = torch.randn(1, 7, TINY_FLUX.context_in_dim, generator=gen)
+    pooled = torch.randn(1, TINY_FLUX.vec_in_dim, generator=gen)
+    conditioning = [[context, {"pooled_output": pooled, "guidance": 2.0}]]
+    inputs = step_inputs(ternary, TINY_FLUX, 48, 80, 4, conditioning)
+    assert inputs.noise.shape == (1, 16, 10, 6) and inputs.guidance == 2.0
+    assert torch.equal(inputs.context, context) and torch.equal(inputs.pooled, pooled)
+
+    ref_row, ref_out = measure(source, inputs, 2, "bf16")
+    row, out = measure(ternary, inputs, 2, "ternary", ref_out)
+    assert_close(out, velocity(ternary, inputs))
+    assert_close(ref_out, velocity(source, inputs))
+    assert row.relative_error == pytest.approx(relative_error(out, ref_out))
+    assert row.relative_error > 1e-3 and ref_row.relative_error is None
+    assert row.weight_bytes < ref_row.weight_bytes / 2
+    assert row.peak_vram_bytes is None and row.seconds_per_step > 0  # CPU: no VRAM figure
+    dequantized_model = comfy.sd.load_diffusion_model_state_dict(dequantized(tensors, layers))
+    _, exact = measure(dequantized_model, inputs, 1, "dequantized")
+    assert relative_error(out, exact) < 1e-4
+
+
+def test_report_node_shows_a_table_and_a_chart(quantized):
+    tensors, _ = quantized
+    ternary = patcher_from_state_dict(tensors)
+    source = comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=1))
+    result = TernaryReport.execute(ternary, 64, 64, 1, 3, reference=source)
+    chart, text = result.args
+    assert result.ui.as_dict() == {"text": (text,)}
+    lines = text.splitlines()
+    assert lines[0].startswith("64x64, first sampling step (sigma 1), random conditioning")
+    assert lines[1].split()[:5] == ["model", "weights", "peak", "VRAM", "time/step"]
+    assert lines[2].startswith("ternary A16") and lines[3].startswith("fp32 (reference)")
+    assert "n/a" in lines[2] and float(lines[2].split()[7]) > 1e-3  # no VRAM on CPU; error
+    assert chart.shape == (1, 768, 1024, 3) and chart.dtype == torch.float32
+    assert 0 <= chart.min() < chart.max() <= 1
+    alone = TernaryReport.execute(ternary, 64, 64, 1, 3).args[1]
+    assert len(alone.splitlines()) == 3 and alone.splitlines()[2].endswith("-")
+
+
+def test_report_refuses_bad_models(quantized):
+    tensors, _ = quantized
+    ternary = patcher_from_state_dict(tensors)
+    with pytest.raises(ValueError, match="reference: connect the dense bf16 FLUX model"):
+        TernaryReport.execute(ternary, 64, 64, 1, 0, reference=ternary)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        TernaryReport.execute(ternary, 72, 64, 1, 0)
+    with pytest.raises(ValueError, match="no pooled output"):
+        TernaryReport.execute(ternary, 64, 64, 1, 0, conditioning=[[torch.zeros(1, 4, 4096), {}]])
+
+
+@pytest.fixture
+def reproduction(tmp_path, monkeypatch):
+    """A tiny bf16 base (file + ComfyUI MODEL) and a rank-4 reproduction checkpoint found
+    in a temporary models/ternary."""
+    bfl = random_flux_state_dict(TINY_FLUX, seed=3)
+    save_file(bfl, tmp_path / "base.safetensors")
+    torch.save(make_checkpoint(to_diffusers(bfl)[0], 4, seed=5), tmp_path / "ternary_distilled.pt")
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "ternary", ([str(tmp_path)], {".pt", ".safetensors"})
+    )
+    return bfl, tmp_path
+
+
+def test_reproduction_node_builds_the_importers_model(reproduction):
+    bfl, folder = reproduction
+    base = comfy.sd.load_diffusion_model_state_dict(dict(bfl))  # fp32 on the CPU: bf16 values
+    before = run(base)
+    (model,) = LoadReproductionCheckpoint.execute(base, "ternary_distilled.pt", "16-bit").args
+    expected = import_reproduction(
+        folder / "base.safetensors", folder / "ternary_distilled.pt", packing="2bit"
+    )
+    found = ternary_modules(model)
+    assert set(found) == set(expected.layers)
+    for name, layer in found.items():
+        assert torch.equal(layer.weight, expected.tensors[f"{name}.weight"])
+        assert torch.equal(layer.weight_scale, expected.tensors[f"{name}.weight_scale"])
+    assert torch.equal(run(model), run(patcher_from_state_dict(expected.tensors)))
+    assert torch.equal(run(base), before)  # the input MODEL is untouched
+
+
+def test_reproduction_node_refuses_what_is_not_the_bf16_base(reproduction, quantized):
+    bfl, _ = reproduction
+    load = comfy.sd.load_diffusion_model_state_dict
+    gen = torch.Generator().manual_seed(0)
+    fp16 = {k: torch.randn(v.shape, generator=gen).half() for k, v in bfl.items()}
+    bias_diff = {"lora_unet_double_blocks_1_img_mlp_2.diff_b": torch.ones(H)}
+    cases = [
+        (load(fp16), "img_in.weight is float32 with values that are not bf16 values"),
+        (load(dict(bfl), model_options={"dtype": torch.float8_e4m3fn}), "float8_e4m3fn"),
+        (with_lora(load(dict(bfl)), bias_diff, 1.0), "carries patches on 1 weights"),
+        (patcher_from_state_dict(quantized[0]), "already ternary"),
+        (NotFlux, "not a FLUX.1 diffusion model: missing img_in.weight"),
+    ]
+    for model, message in cases:
+        with pytest.raises(ValueError, match=message):
+            LoadReproductionCheckpoint.execute(model, "ternary_distilled.pt", "16-bit")
+    check_bf16_flux(load(dict(bfl)))
