@@ -8,7 +8,6 @@ from torch import nn
 
 from ..kernels.dispatch import ternary_linear
 from .packing import packed_shape, unpack_2bit
-from .quantize import residual_lora, ternarize
 
 
 class TernaryLinear(nn.Module):
@@ -88,23 +87,17 @@ class TernaryLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> TernaryLinear:
         """Quantize a dense [N, K] weight; a LoRA branch, if asked for, fits the residual."""
-        from .packing import pack_2bit
+        from .convert import quantize_layer  # the one per-layer quantizer (files use it too)
 
         dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.bfloat16)
         n, k = weight.shape
         module = cls(
             k, n, bias=bias is not None, lora_rank=lora_rank, dtype=dtype, device=weight.device
         )
-        t, scale = ternarize(weight, scale_rule)
-        module.weight.copy_(pack_2bit(t))
-        with torch.no_grad():
-            module.weight_scale.copy_(scale)
-            if bias is not None:
-                module.bias.copy_(bias)
-            if lora_rank:
-                down, up = residual_lora(weight, t, scale, lora_rank)
-                module.lora_down.copy_(down)
-                module.lora_up.copy_(up)
+        parts, _ = quantize_layer(weight, lora_rank, scale_rule, "2bit", lora_dtype=dtype)
+        if bias is not None:
+            parts["bias"] = bias
+        module.load_state_dict(parts)
         return module
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Find a real ComfyUI for the node tests; skip loudly when there is none.
 
 Where ComfyUI is looked for, in order: ``$TERNARY_FLUX_COMFYUI``; ``<repo>/.comfyui/ComfyUI``
-(DEVELOPERS.md says how to export it there); the natural layout, this repository inside
+(README, Development, says how); the natural layout, this repository inside
 ``ComfyUI/custom_nodes/``. Without one, the tests that need it are skipped with the reason
 and a warning that pytest prints in its summary.
 """
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV_VAR = "TERNARY_FLUX_COMFYUI"
 SKIP_REASON = (
     f"ComfyUI not found: set {ENV_VAR}=/path/to/ComfyUI, or export it to "
-    f"{REPO / '.comfyui' / 'ComfyUI'} (DEVELOPERS.md); the ComfyUI node tests did NOT run"
+    f"{REPO / '.comfyui' / 'ComfyUI'} (see README, Development); the ComfyUI node tests did NOT run"
 )
 
 
