@@ -31,17 +31,17 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def _triton_device(device: torch.device) -> bool:
+    """NVIDIA GPUs of compute capability 8.0+ (asked once per device)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def backend_for(x: torch.Tensor) -> str:
     """Name of the path a tensor on this device would take: 'triton' or 'reference'."""
     if _requested_backend() == "reference":
         return "reference"
-    if (
-        x.is_cuda
-        and torch.version.hip is None
-        and x.dtype in TRITON_DTYPES
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
-        and _triton_installed()
-    ):
+    if x.is_cuda and x.dtype in TRITON_DTYPES and _triton_device(x.device) and _triton_installed():
         return "triton"
     return "reference"
 

@@ -178,6 +178,7 @@ class TernaryLinearFunction(torch.autograd.Function):
         )
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, weight_scale, down, up = ctx.saved_tensors
         in_features, lora_scale, act_bits = ctx.config

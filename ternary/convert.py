@@ -89,6 +89,8 @@ def quantize_layer(
     lora_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[dict[str, torch.Tensor], LayerError]:
     """Quantize one dense [N, K] weight: ({suffix: tensor}, error) for the file format."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} holds NaN or infinite values")
     t, scale = ternarize(weight, scale_rule)
     w = weight.float()
     norm = w.norm().clamp(min=1e-30)
@@ -143,7 +145,10 @@ def _convert(
         report.bytes_before += tensor.numel() * tensor.element_size()
         if key.endswith(".weight") and is_block_linear(module):
             report.params_quantized += tensor.numel()
-            parts, error = quantize_layer(tensor.to(device), lora_rank, scale_rule, packing)
+            try:
+                parts, error = quantize_layer(tensor.to(device), lora_rank, scale_rule, packing)
+            except ValueError as err:
+                raise ValueError(f"{module}: {err}") from None
             error.name = module
             report.layers.append(error)
             for suffix, part in parts.items():
@@ -226,7 +231,6 @@ def quantize_file(
         with StreamingWriter(dst, entries, meta, overwrite=overwrite) as writer:
             for key, tensor in loop:
                 writer.write(key, tensor)
-    report.bytes_before = src.stat().st_size
     report.bytes_after = dst.stat().st_size
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

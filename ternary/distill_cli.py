@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .convert import diffusion_model_keys
 from .distill_config import DistillConfig, DistillConfigError, load_config, read_settings_file
 from .distributed import DistEnv, init_distributed, shutdown
 from .flux import FLUX_DEV, TINY_FLUX, random_flux_state_dict, strip_prefix
@@ -52,7 +53,7 @@ def dense_tensors(spec: str, device) -> tuple[dict, Callable[[str], torch.Tensor
     if not Path(spec).is_file():
         raise FileNotFoundError(f"model file not found: {spec}")
     handle = safe_open(spec, framework="pt")
-    keys = {strip_prefix(k): k for k in handle.keys()}
+    keys = {strip_prefix(k): k for k in diffusion_model_keys(list(handle.keys()))}
     shapes = {short: tuple(handle.get_slice(full).get_shape()) for short, full in keys.items()}
     return shapes, lambda key: handle.get_tensor(keys[key])
 

@@ -13,8 +13,8 @@ from .quantize import SCALE_RULES
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Settings that change the result: a resumed run must use the same values.
 RESULT_KEYS = (
-    "lora_rank", "scale_rule", "steps", "batch_size", "lr_lora", "lr_scale", "weight_decay",
-    "warmup_steps", "min_lr_ratio", "seed", "dtype",
+    "model", "lora_rank", "scale_rule", "steps", "batch_size", "lr_lora", "lr_scale",
+    "weight_decay", "warmup_steps", "min_lr_ratio", "seed", "dtype",
 )  # fmt: skip
 
 

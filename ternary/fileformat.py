@@ -47,6 +47,7 @@ _DTYPES = {
     torch.float8_e5m2: "F8_E5M2",
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {name: torch.empty((), dtype=d).element_size() for d, name in _DTYPES.items()}
 
 
 class TernaryFormatError(ValueError):
@@ -128,7 +129,12 @@ class StreamingWriter:
     def __enter__(self) -> StreamingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp, "wb")
-        self._file.write(struct.pack("<Q", len(self._header)) + self._header)
+        try:
+            self._file.write(struct.pack("<Q", len(self._header)) + self._header)
+        except BaseException:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
         return self
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -141,7 +147,7 @@ class StreamingWriter:
                 f"{key}: got {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {tuple(shape)}"
             )
         flat = tensor.detach().reshape(-1).contiguous().cpu()
-        self._file.write(flat.view(torch.uint8).numpy().tobytes())
+        self._file.write(flat.view(torch.uint8).numpy())
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -222,9 +228,13 @@ def read_header(
     for key, info in header.items():
         try:
             infos[key] = (info["dtype"], tuple(info["shape"]))
-            end = max(end, info["data_offsets"][1])
-        except (TypeError, KeyError, IndexError):
+            begin, stop = info["data_offsets"]
+            end = max(end, stop)
+        except (TypeError, KeyError, IndexError, ValueError):
             raise TernaryFormatError(f"{path.name}: corrupt header entry for {key!r}") from None
+        itemsize = _ITEMSIZE.get(info["dtype"])
+        if itemsize is not None and stop - begin != _numel(infos[key][1]) * itemsize:
+            raise TernaryFormatError(f"{path.name}: {key} has {stop - begin} bytes for its shape")
     if 8 + length + end > size:
         raise TernaryFormatError(
             f"{path.name}: truncated file: the header describes {8 + length + end} bytes, "
@@ -257,7 +267,7 @@ class MmapReader:
     def get(self, key: str) -> torch.Tensor:
         dtype_name, shape = self.infos[key]
         begin, end = (self._base + o for o in self._offsets[key])
-        data = bytearray(self._map[begin:end])
+        data = bytearray(memoryview(self._map)[begin:end])
         page = mmap.PAGESIZE
         start = begin - begin % page
         if hasattr(mmap, "MADV_DONTNEED") and end > start:
@@ -307,7 +317,9 @@ def validate(
     quantized = {f"{layer}.{suffix}" for layer in layers for suffix in LAYER_SUFFIXES}
     for key, (dtype, _) in infos.items():
         if key not in quantized and dtype not in ("F16", "BF16", "F32"):
-            raise TernaryFormatError(f"{name}: tensor {key} has dtype {dtype}, expected 16-bit")
+            raise TernaryFormatError(
+                f"{name}: tensor {key} has dtype {dtype}, expected a 16- or 32-bit float"
+            )
     try:
         config = detect_config(logical)
     except NotFluxError as err:
@@ -362,4 +374,6 @@ def load_ternary_file(
 
 def dtype_from_name(name: str) -> torch.dtype:
     """torch dtype of a safetensors dtype name (for headers read with :func:`read_header`)."""
+    if name not in _DTYPE_NAMES:
+        raise TernaryFormatError(f"tensors of dtype {name} are not supported")
     return _DTYPE_NAMES[name]

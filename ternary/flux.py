@@ -4,19 +4,11 @@ and tiny FLUX-architecture models made from a seed for tests and the default CLI
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
 # Every linear inside the double and single blocks, modulation included.
-DOUBLE_BLOCK_LINEARS = tuple(
-    f"{stream}_{name}"
-    for stream in ("img", "txt")
-    for name in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")
-)
-SINGLE_BLOCK_LINEARS = ("linear1", "linear2", "modulation.lin")
-
 _BLOCK_LINEAR = re.compile(
     r"^(double_blocks\.\d+\.(img|txt)_(mod\.lin|attn\.qkv|attn\.proj|mlp\.0|mlp\.2)"
     r"|single_blocks\.\d+\.(linear1|linear2|modulation\.lin))$"
@@ -29,6 +21,7 @@ _REQUIRED = (
     "vector_in.in_layer.weight",
     "final_layer.linear.weight",
     "double_blocks.0.img_attn.qkv.weight",
+    "double_blocks.0.img_mlp.0.weight",
 )
 # RMSNorm weights are `*_norm.scale` in BFL files and `*_norm.weight` inside ComfyUI.
 _KEY_NORM = (
@@ -98,14 +91,19 @@ def detect_config(shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
         )
     hidden, in_channels = shapes["img_in.weight"]
     head_dim = shapes[key_norm][0]
-    depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks."))
-    singles = [int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")]
+    doubles = {int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks.")}
+    singles = {int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")}
+    for kind, found in (("double", doubles), ("single", singles)):
+        if found and found != set(range(max(found) + 1)):
+            gaps = sorted(set(range(max(found) + 1)) - found)
+            raise NotFluxError(f"not a complete FLUX model: {kind} blocks {gaps[:4]} are missing")
+    depth = max(doubles) + 1
     mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
     return FluxConfig(
         hidden_size=hidden,
         num_heads=hidden // head_dim,
         depth=depth,
-        depth_single_blocks=1 + max(singles) if singles else 0,
+        depth_single_blocks=max(singles) + 1 if singles else 0,
         in_channels=in_channels,
         context_in_dim=shapes["txt_in.weight"][1],
         vec_in_dim=shapes["vector_in.in_layer.weight"][1],
@@ -152,15 +150,6 @@ def flux_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     linear("final_layer.linear", config.in_channels, h)
     linear("final_layer.adaLN_modulation.1", 2 * h, h)
     return shapes
-
-
-def block_linears(keys: Iterable[str]) -> list[str]:
-    """Module names of the quantized linears among state-dict keys, in key order."""
-    return [
-        k[: -len(".weight")]
-        for k in keys
-        if k.endswith(".weight") and is_block_linear(k[: -len(".weight")])
-    ]
 
 
 def random_flux_state_dict(

@@ -89,7 +89,9 @@ class TernaryLinear(nn.Module):
         """Quantize a dense [N, K] weight; a LoRA branch, if asked for, fits the residual."""
         from .convert import quantize_layer  # the one per-layer quantizer (files use it too)
 
-        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.bfloat16)
+        if dtype is None:
+            sixteen = (torch.float16, torch.bfloat16, torch.float32)
+            dtype = weight.dtype if weight.dtype in sixteen else torch.bfloat16
         n, k = weight.shape
         module = cls(
             k, n, bias=bias is not None, lora_rank=lora_rank, dtype=dtype, device=weight.device

@@ -48,6 +48,8 @@ def _check_ternary(t: torch.Tensor) -> None:
         raise ValueError(f"expected a 2-D ternary matrix, got shape {tuple(t.shape)}")
     if t.dtype != torch.int8:
         raise TypeError(f"expected int8 ternary values, got {t.dtype}")
+    if t.numel() and bool(((t < -1) | (t > 1)).any()):
+        raise ValueError("ternary values must be -1, 0 or 1")
 
 
 def pack_2bit(t: torch.Tensor) -> torch.Tensor:

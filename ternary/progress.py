@@ -5,6 +5,7 @@ Job Status node, ``tail -f``) can follow a background run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -31,11 +32,7 @@ class ProgressLog:
         path = self.work_dir / LOG
         if not self.enabled or not path.exists():
             return
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
         tmp = path.with_name(f".{LOG}.{os.getpid()}.partial")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
@@ -53,6 +50,14 @@ class ProgressLog:
             "started": round(self.started, 3),
         }
         write_json_atomic(self.work_dir / STATUS, status)
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; infinity for a line a killed run left half written."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def read_progress(work_dir: str | os.PathLike) -> tuple[dict, list[dict]]:

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .convert import diffusion_model_keys
 from .fileformat import load_ternary_file, read_header
 from .flux import detect_config, is_block_linear, strip_prefix
 from .flux_model import FluxTransformer, ternary_flux_from_state_dict
@@ -52,7 +53,8 @@ def student_from_tensors(
     missing, unexpected = model.load_state_dict(rest, strict=False)
     ternary_keys = {k for k in model.state_dict() if is_block_linear(k.rsplit(".", 1)[0])}
     if unexpected or set(missing) - ternary_keys:
-        raise ValueError(f"weights do not fit FLUX: missing {missing[:3]}, extra {unexpected[:3]}")
+        absent = sorted(set(missing) - ternary_keys)
+        raise ValueError(f"weights do not fit FLUX: missing {absent[:3]}, extra {unexpected[:3]}")
     return model
 
 
@@ -78,7 +80,7 @@ def load_student(
             ckpt.state_dict, ckpt.layers, dtype, device, gradient_checkpointing
         )
     with safe_open(str(path), framework="pt") as f:
-        keys = {strip_prefix(k): k for k in f.keys()}
+        keys = {strip_prefix(k): k for k in diffusion_model_keys(list(f.keys()))}
         shapes = {short: tuple(infos[full][1]) for short, full in keys.items()}
         return student_from_tensors(
             shapes,

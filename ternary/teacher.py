@@ -66,7 +66,8 @@ class TeacherSettings:
     storage_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        mu = resolution_shift(self.width, self.height) if self.shift is None else self.shift
+        mu = resolution_shift(self.width, self.height)  # also checks the resolution
+        mu = mu if self.shift is None else self.shift
         object.__setattr__(self, "shift", float(mu))
         for name in ("steps", "points_per_prompt", "shard_size"):
             if getattr(self, name) < 1:

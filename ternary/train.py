@@ -51,7 +51,7 @@ def learning_rate_factor(step: int, config: DistillConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio at the last step."""
     if step < config.warmup_steps:
         return (step + 1) / (config.warmup_steps + 1)
-    span = max(config.steps - config.warmup_steps, 1)
+    span = max(config.steps - config.warmup_steps - 1, 1)
     progress = (step - config.warmup_steps) / span
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine

@@ -200,3 +200,32 @@ def test_streaming_writer_leaves_no_partial_file_on_error(tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(str(out))["a"].tolist() == [1.5, -2.0]
+
+
+def test_bad_weights_are_refused_and_leave_nothing(tmp_path, tiny_state):
+    cases = {
+        "nan": {"double_blocks.1.img_mlp.0.weight": torch.full((1024, 256), float("nan"))},
+        "gap": {"double_blocks.5.img_mlp.0.weight": torch.zeros(1024, 256)},
+        "int64": {"extra.index": torch.zeros(3, dtype=torch.int64)},
+    }
+    messages = {
+        "nan": "double_blocks.1.img_mlp.0: weight of shape .* NaN",
+        "gap": r"double blocks \[2, 3, 4\] are missing",
+        "int64": "dtype I64 are not supported",
+    }
+    for name, change in cases.items():
+        src = tmp_path / f"{name}.safetensors"
+        save_file(
+            {
+                **tiny_state,
+                **{
+                    k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                    for k, v in change.items()
+                },
+            },
+            str(src),
+        )
+        with pytest.raises(ValueError, match=messages[name]):
+            quantize_file(src, tmp_path / "out.safetensors")
+        assert not (tmp_path / "out.safetensors").exists()
+    assert len(list(tmp_path.iterdir())) == len(cases)

@@ -39,6 +39,9 @@ def test_base3_bytes():
 def test_bad_inputs_are_refused():
     with pytest.raises(TypeError, match="int8"):
         packing.pack_2bit(torch.zeros(2, 4))
+    for layout in packing.PACKINGS:
+        with pytest.raises(ValueError, match="-1, 0 or 1"):
+            packing.pack(torch.tensor([[0, 2]], dtype=torch.int8), layout)
     with pytest.raises(ValueError, match="does not fit"):
         packing.unpack_2bit(torch.zeros(2, 32, dtype=torch.uint8), 200)
     with pytest.raises(ValueError, match="corrupt"):

@@ -2,6 +2,7 @@
 and refuses bad configs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,8 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path):
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(killed, on_step=crash)
     assert not (tmp_path / "b.safetensors").exists()
+    with open(tmp_path / "b" / "log.jsonl", "a") as log:
+        log.write('{"step": 4, "lo')  # the kill also cut a line in half
     resumed = run(killed)
     assert resumed.losses == reference.losses[2:]  # resumed from the step-2 checkpoint
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
@@ -99,6 +102,13 @@ def test_resume_with_other_settings_is_refused(workspace, tmp_path):
     )
     with pytest.raises(ValueError, match="lr_lora"):
         run(changed)
+    copy = tmp_path / "other-model.safetensors"
+    copy.write_bytes(Path(config.model).read_bytes())
+    other_model = tiny_config(
+        workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w", model=str(copy)
+    )
+    with pytest.raises(ValueError, match="model"):
+        run(other_model)
 
 
 def test_existing_output_is_not_overwritten(workspace, tmp_path):
