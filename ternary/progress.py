@@ -10,14 +10,10 @@ import os
 import time
 from pathlib import Path
 
+from .atomic import atomic_path, write_json_atomic
+
 LOG = "log.jsonl"
 STATUS = "status.json"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 class ProgressLog:
@@ -33,9 +29,8 @@ class ProgressLog:
         if not self.enabled or not path.exists():
             return
         kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
-        tmp = path.with_name(f".{LOG}.{os.getpid()}.partial")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def record(self, state: str, **fields) -> None:
         if not self.enabled:

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path, write_json_atomic
 from .schedule import (
     derived_seed,
     resolution_shift,
@@ -170,12 +171,6 @@ def _describe(settings: TeacherSettings, prompts: Sequence[str]) -> dict:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -237,7 +232,7 @@ def refresh_manifest(directory: str | os.PathLike) -> dict:
         complete=done == len(prompts),
         bytes=sum(s["bytes"] for s in shards),
     )
-    _write_json(directory / MANIFEST, manifest)
+    write_json_atomic(directory / MANIFEST, manifest)
     return manifest
 
 
@@ -268,7 +263,7 @@ def build_teacher_dataset(
         if (directory / MANIFEST).exists():
             _check_same_build(directory, described)
         else:
-            _write_json(directory / MANIFEST, {**described, "shards": [], "complete": False})
+            write_json_atomic(directory / MANIFEST, {**described, "shards": [], "complete": False})
     barrier()
     _check_same_build(directory, described)
     size = settings.shard_size
@@ -292,9 +287,8 @@ def build_teacher_dataset(
             done += 1
             if on_prompt is not None:
                 on_prompt(done, total)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        save_file(tensors, str(tmp), metadata={"samples": json.dumps(ids)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"samples": json.dumps(ids)})
         if rank == 0:
             manifest = refresh_manifest(directory)
             log(

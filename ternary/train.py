@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .atomic import atomic_path
 from .distill_config import DistillConfig
 from .distributed import DistEnv
 from .fileformat import save_ternary_file
@@ -91,9 +91,8 @@ def _save_checkpoint(path: Path, step: int, groups: dict, optimizer, fingerprint
         "optimizer": optimizer.state_dict(),
         "fingerprint": fingerprint,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_checkpoint(path: Path, groups: dict, optimizer, fingerprint: dict) -> int:
