@@ -19,8 +19,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..ternary.distill_config import DistillConfig
-from ..ternary.flux import strip_prefix
-from ..ternary.progress import read_progress
+from ..ternary.progress import ProgressLog, read_progress
 from ..ternary.prompts import generate_prompts, read_prompt_file
 from ..ternary.quantize import SCALE_RULES
 from ..ternary.student import student_from_tensors
@@ -105,9 +104,31 @@ def _number_inputs() -> list:
             max=64,
             tooltip="Examples per forward pass; the rest is gradient accumulation.",
         ),
-        io.Float.Input("lr_lora", default=1e-4, min=0.0, max=1.0, step=1e-5, round=False),
-        io.Float.Input("lr_scale", default=3e-4, min=0.0, max=1.0, step=1e-5, round=False),
-        io.Combo.Input("scale_rule", options=list(SCALE_RULES), default="absmean"),
+        io.Float.Input(
+            "lr_lora",
+            default=1e-4,
+            min=0.0,
+            max=1.0,
+            step=1e-5,
+            round=False,
+            tooltip="Learning rate of the LoRA weights (AdamW, cosine schedule).",
+        ),
+        io.Float.Input(
+            "lr_scale",
+            default=3e-4,
+            min=0.0,
+            max=1.0,
+            step=1e-5,
+            round=False,
+            tooltip="Learning rate of the per-row ternary scales.",
+        ),
+        io.Combo.Input(
+            "scale_rule",
+            options=list(SCALE_RULES),
+            default="absmean",
+            tooltip="Starting scales: absmean (mean |W| per row, the 1.58-bit FLUX rule) or "
+            "lsq (least-squares). The ternary values are the same.",
+        ),
         io.Int.Input(
             "checkpoint_every",
             default=100,
@@ -115,7 +136,15 @@ def _number_inputs() -> list:
             max=1_000_000,
             tooltip="Steps between checkpoints; an interrupted run resumes from the last one.",
         ),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Data order seed."),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=2**31 - 1,
+            control_after_generate=False,  # queueing again must resume the same run
+            tooltip="Data order seed. Resuming needs the same seed; another seed needs another "
+            "name.",
+        ),
     ]
 
 
@@ -160,10 +189,37 @@ class BuildTeacherDataset(io.ComfyNode):
                     max=100_000,
                     tooltip="Without prompts or a file: this many generated prompts.",
                 ),
-                io.Int.Input("width", default=1024, min=256, max=4096, step=16),
-                io.Int.Input("height", default=1024, min=256, max=4096, step=16),
-                io.Int.Input("steps", default=28, min=1, max=200),
-                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1),
+                io.Int.Input(
+                    "width",
+                    default=1024,
+                    min=256,
+                    max=4096,
+                    step=16,
+                    tooltip="Image width the teacher samples at (the student learns this size).",
+                ),
+                io.Int.Input(
+                    "height",
+                    default=1024,
+                    min=256,
+                    max=4096,
+                    step=16,
+                    tooltip="Image height the teacher samples at.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=28,
+                    min=1,
+                    max=200,
+                    tooltip="Sampling steps of the teacher's trajectory per prompt.",
+                ),
+                io.Float.Input(
+                    "guidance",
+                    default=3.5,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="FLUX distilled guidance the teacher samples with.",
+                ),
                 io.Int.Input(
                     "points_per_prompt",
                     default=4,
@@ -171,8 +227,22 @@ class BuildTeacherDataset(io.ComfyNode):
                     max=64,
                     tooltip="Training times t stored per prompt (each a teacher velocity).",
                 ),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                io.Int.Input("shard_size", default=16, min=1, max=4096),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=False,  # queueing again must resume the same data
+                    tooltip="Seed of the noise, the training times and generated prompts. "
+                    "Resuming needs the same seed.",
+                ),
+                io.Int.Input(
+                    "shard_size",
+                    default=16,
+                    min=1,
+                    max=4096,
+                    tooltip="Prompts per data file; a stopped run redoes at most one shard.",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="dataset"),
@@ -211,6 +281,33 @@ class BuildTeacherDataset(io.ComfyNode):
         return io.NodeOutput(str(directory), report)
 
 
+class CancelWatch:
+    """Progress bar and Cancel for an in-process run.
+
+    ComfyUI's progress hook raises the interrupt inside ``update_absolute`` (and clears the
+    flag), which would end the trainer mid-run, without a checkpoint. The interrupt is held
+    here instead: ``requested`` turns true, the trainer saves a checkpoint and returns, and
+    the node raises the interrupt afterwards so ComfyUI shows the run as cancelled.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.bar = comfy.utils.ProgressBar(total)
+        self.total = total
+        self.interrupt: comfy.model_management.InterruptProcessingException | None = None
+
+    def on_step(self, step: int, _loss: float) -> None:
+        try:
+            self.bar.update_absolute(step, self.total)
+        except comfy.model_management.InterruptProcessingException as err:
+            self.interrupt = err
+
+    def requested(self) -> bool:
+        if self.interrupt is None and comfy.model_management.processing_interrupted():
+            comfy.model_management.interrupt_current_processing(False)
+            self.interrupt = comfy.model_management.InterruptProcessingException()
+        return self.interrupt is not None
+
+
 class DistillTernary(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -229,7 +326,12 @@ class DistillTernary(io.ComfyNode):
                     "name", default="flux-distilled", tooltip="Output file in models/ternary."
                 ),
                 *_number_inputs(),
-                io.Boolean.Input("gradient_checkpointing", default=True),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Recompute block activations in the backward pass: far less "
+                    "memory, somewhat slower steps.",
+                ),
             ],
             outputs=[
                 io.Model.Output(),
@@ -250,7 +352,7 @@ class DistillTernary(io.ComfyNode):
         )  # fmt: skip
         data = TeacherDataset(config.data)
         with torch.inference_mode(False), torch.enable_grad():
-            state = {strip_prefix(k): v for k, v in dense_state_dict(model).items()}
+            state = dense_state_dict(model)
             student = student_from_tensors(
                 {k: tuple(v.shape) for k, v in state.items()},
                 state.__getitem__,
@@ -263,17 +365,17 @@ class DistillTernary(io.ComfyNode):
             del state
             comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
-            bar = comfy.utils.ProgressBar(config.steps)
-            result = distill(
-                student,
-                data,
-                config,
-                on_step=lambda step, _loss: bar.update_absolute(step, config.steps),
-                should_stop=comfy.model_management.processing_interrupted,
-            )
+            cancel = CancelWatch(config.steps)
+            try:
+                result = distill(
+                    student, data, config, on_step=cancel.on_step, should_stop=cancel.requested
+                )
+            except BaseException as err:
+                ProgressLog(work, config.steps).record("failed", event="failed", error=repr(err))
+                raise
         del student
         if result.output is None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise cancel.interrupt or comfy.model_management.InterruptProcessingException()
         return io.NodeOutput(
             load_ternary_patcher(result.output), _loss_map(work), str(result.output)
         )
@@ -315,14 +417,12 @@ class DistillJob(io.ComfyNode):
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.json").write_text(json.dumps(config.as_dict(), indent=1))
         command = launch_command(gpus, work / "config.json")
-        log = open(work / "job.log", "ab")
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(_package_link(work))},
-            start_new_session=True,
-        )
+        python_path = [str(_package_link(work)), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in python_path if p)}
+        with open(work / "job.log", "ab") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         report = f"started pid {process.pid}: {' '.join(command)}\nlog: {work / 'job.log'}"
         return io.NodeOutput(name, report)
 

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from . import folders
+from .distill import NODES as DISTILL_NODES
 from .load_node import LoadTernaryDiffusionModel
 from .quantize_node import QuantizeModelToTernary
 from .report_node import TernaryReport
@@ -13,17 +14,6 @@ from .reproduction_node import LoadReproductionCheckpoint
 from .save_node import SaveTernaryModel
 
 folders.register()
-
-
-def _distill_nodes() -> list[type[io.ComfyNode]]:
-    """The distillation nodes (nodes/distill.py), when that part of the pack is present."""
-    try:
-        from .distill import NODES
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.distill":
-            raise
-        return []
-    return list(NODES)
 
 
 class TernaryFluxExtension(ComfyExtension):
@@ -35,5 +25,5 @@ class TernaryFluxExtension(ComfyExtension):
             SaveTernaryModel,
             LoadReproductionCheckpoint,
             TernaryReport,
-            *_distill_nodes(),
+            *DISTILL_NODES,
         ]

@@ -6,7 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import folders
-from .model_io import ACT_BITS, load_ternary_patcher
+from .model_io import ACT_BITS, activations_input, load_ternary_patcher
 
 
 class LoadTernaryDiffusionModel(io.ComfyNode):
@@ -25,14 +25,7 @@ class LoadTernaryDiffusionModel(io.ComfyNode):
                     tooltip="A ternary-flux file in models/ternary (made by Save Ternary Model "
                     "or the command line tool).",
                 ),
-                io.Combo.Input(
-                    "activations",
-                    options=list(ACT_BITS),
-                    default="16-bit",
-                    tooltip="16-bit keeps the activations as they are. 8-bit rounds them per "
-                    "token to fp8 before the ternary matmul: faster on GPUs with fp8 tensor "
-                    "cores, slightly less exact.",
-                ),
+                activations_input(),
             ],
             outputs=[io.Model.Output()],
         )

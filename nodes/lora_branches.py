@@ -9,7 +9,8 @@ patches when ComfyUI patches the model, and takes them back when it unpatches:
 * a LoRA becomes rows of one extra branch ``up @ down`` beside the ternary matmul, with
   ``strength * alpha / rank`` folded into ``up`` and slices as zero rows elsewhere;
 * other additive adapters (LoHa, LoKr, LoRA with a mid weight) and full weight diffs are
-  exact only as their dense difference: they run as a dense branch (correct, not small);
+  exact only as their dense difference: the layer's are summed into one dense [N, K]
+  patch in the compute dtype, run as one extra matmul (correct, as large as a dense layer);
 * adapters whose effect depends on the original weight (DoRA, OFT, BOFT, GLoRA), "set"
   patches, model merges and patch functions are refused with a message naming the layer.
 
@@ -56,8 +57,12 @@ def _kind(value) -> str:
     return "diff" if isinstance(value, tuple) and len(value) == 1 else "merge"
 
 
-def _patch_branch(patch: tuple, key: str, module: ComfyTernaryLinear):
-    """(down [r, K], up [N, r]) float32 of one patch, or None when its strength is 0."""
+def _patch_term(patch: tuple, key: str, module: ComfyTernaryLinear, device: torch.device):
+    """(start row, down, up) float32 of one patch, or None when its strength is 0.
+
+    A plain LoRA gives its low-rank pair: down [r, K], up [rows, r] with the strength folded
+    in. Any other additive patch gives its dense difference [rows, K] as ``down`` and None.
+    """
     strength, value, strength_model, offset, function = patch
     kind = _kind(value)
     if strength_model != 1.0 or function is not None or kind == "merge":
@@ -75,40 +80,59 @@ def _patch_branch(patch: tuple, key: str, module: ComfyTernaryLinear):
         return None
     n, k = module.out_features, module.in_features
     start, size = _rows(offset, key, n)
+    up = None
     if type(value) is adapters.LoRAAdapter and value.weights[3] is None and not value.weights[5]:
         up, down, alpha = value.weights[:3]
-        down = down.flatten(1).float()
+        down = down.flatten(1).to(device, torch.float32)
         scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
-        up_rows = up.flatten(1).float().to(down.device) * scale
+        up = up.flatten(1).to(device, torch.float32) * scale
+    elif kind == "diff":
+        diff = value[0] if len(value) == 1 else value[1][0]
+        down = strength * diff.to(device, torch.float32)
     else:
-        if kind == "diff":
-            diff = value[0] if len(value) == 1 else value[1][0]
-            down = strength * diff.float()
-        else:
-            zero = torch.zeros(size, k)
-            down = value.calculate_weight(zero, key, strength, 1.0, None, _same, torch.float32)
-        up_rows = torch.eye(size, device=down.device)
-    if tuple(down.shape[1:]) != (k,) or up_rows.shape[0] != size:
+        zero = torch.zeros(size, k, device=device)
+        down = value.calculate_weight(zero, key, strength, 1.0, None, _same, torch.float32)
+    rows = down.shape[0] if up is None else up.shape[0]
+    if tuple(down.shape[1:]) != (k,) or rows != size:
         raise UnsupportedPatchError(
             f"{key}: a {kind} patch for rows {start}:{start + size} does not fit this "
             f"[{n}, {k}] layer"
         )
-    up_full = torch.zeros(n, up_rows.shape[1], device=down.device)
-    up_full[start : start + size] = up_rows
-    return down, up_full
+    return start, down, up
 
 
-def attach_patches(module: ComfyTernaryLinear, name: str, patches: dict) -> None:
-    """Give one layer the branches and patched bias of a ModelPatcher's patch dict."""
+def attach_patches(
+    module: ComfyTernaryLinear, name: str, patches: dict, dtype: torch.dtype
+) -> None:
+    """Give one layer the branches and patched bias of a ModelPatcher's patch dict.
+
+    Plain LoRAs become one low-rank branch (their pairs side by side); all other additive
+    patches are summed into one dense [N, K] difference in ``dtype`` (the model's compute
+    dtype): as large as a dense layer, but never larger.
+    """
     module.clear_patches()
     weight_key, bias_key = f"diffusion_model.{name}.weight", f"diffusion_model.{name}.bias"
-    branches = [
-        b for p in patches.get(weight_key, ()) if (b := _patch_branch(p, weight_key, module))
-    ]
     device = module.weight.device
-    if branches:
-        module.patch_down = torch.cat([d for d, _ in branches]).to(device)
-        module.patch_up = torch.cat([u for _, u in branches], 1).to(device)
+    n, k = module.out_features, module.in_features
+    downs, ups, dense = [], [], None
+    for patch in patches.get(weight_key, ()):
+        term = _patch_term(patch, weight_key, module, device)
+        if term is None:
+            continue
+        start, down, up = term
+        if up is None:
+            dense = torch.zeros(n, k, device=device) if dense is None else dense
+            dense[start : start + down.shape[0]] += down
+        else:
+            up_full = torch.zeros(n, up.shape[1], device=device)
+            up_full[start : start + up.shape[0]] = up
+            downs.append(down)
+            ups.append(up_full)
+    if downs:
+        module.patch_down = torch.cat(downs)
+        module.patch_up = torch.cat(ups, 1)
+    if dense is not None:
+        module.patch_dense = dense.to(dtype)
     if bias_key in patches and module.bias is not None:
         bias = module.bias.detach().float().clone()
         module.patch_bias = comfy.lora.calculate_weight(patches[bias_key], bias, bias_key).to(
@@ -120,9 +144,10 @@ def install(patcher) -> None:
     """Register the injection on a ModelPatcher holding ternary layers (clones inherit it)."""
 
     def inject(p) -> None:
+        dtype = p.model.get_dtype_inference()
         for name, module in ternary_modules(p).items():
             try:
-                attach_patches(module, name, p.patches)
+                attach_patches(module, name, p.patches, dtype)
             except Exception:
                 for other in ternary_modules(p).values():
                     other.clear_patches()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 
+import comfy.lora
 import comfy.model_management
 import comfy.sd
 import torch
+from comfy_api.latest import io
 
 from ..ternary.fileformat import load_ternary_file
 from ..ternary.flux import detect_config
@@ -19,6 +21,26 @@ from .lora_branches import install
 from .ternary_ops import TernaryOps, ternary_modules
 
 ACT_BITS = {"16-bit": 16, "8-bit (fp8 per token)": 8}
+_PATCHED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def activations_input() -> io.Combo.Input:
+    """The ``activations`` input of every node that makes a ternary MODEL."""
+    return io.Combo.Input(
+        "activations",
+        options=list(ACT_BITS),
+        default="16-bit",
+        tooltip="16-bit keeps the activations as they are. 8-bit rounds them per token to fp8 "
+        "before the ternary matmul: faster on GPUs with fp8 tensor cores, slightly less exact.",
+    )
+
+
+def refuse_patches(patcher, advice: str) -> None:
+    """Raise a readable error when a MODEL carries weight patches (LoRAs) a node would lose."""
+    if patcher.patches:
+        raise ValueError(
+            f"this MODEL carries patches on {len(patcher.patches)} weights (LoRAs?): {advice}"
+        )
 
 
 def patcher_from_state_dict(tensors: dict[str, torch.Tensor], act_bits: int = 16, **kwargs):
@@ -48,29 +70,52 @@ def load_ternary_patcher(path: str | os.PathLike, act_bits: int = 16, disable_dy
     return patcher
 
 
+def bfl_key(key: str) -> str:
+    """A diffusion-model key in BFL names (ComfyUI names ``*_norm.scale`` ``*_norm.weight``)."""
+    if key.endswith(("query_norm.weight", "key_norm.weight")):
+        return key[: -len("weight")] + "scale"
+    return key
+
+
 def bfl_state_dict(patcher) -> dict[str, torch.Tensor]:
-    """The diffusion model's state dict in BFL names (ComfyUI renames ``*_norm.scale``)."""
-    state = {}
-    for key, tensor in patcher.model.diffusion_model.state_dict().items():
-        if key.endswith(("query_norm.weight", "key_norm.weight")):
-            key = key[: -len("weight")] + "scale"
-        state[key] = tensor
-    return state
+    """The diffusion model's state dict in BFL names, as the model holds it (no patches)."""
+    return {bfl_key(k): v for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
 def dense_state_dict(patcher) -> dict[str, torch.Tensor]:
-    """The diffusion model's weights with the MODEL's patches (LoRAs) merged, as plain tensors.
+    """The diffusion model's weights with the MODEL's patches (LoRAs) merged, in BFL names.
 
-    Mirrors ComfyUI's own ModelSave: the patched model is loaded, then read. Quantized
-    ComfyUI weights (fp8 / comfy_quant) come back dequantized.
+    Computed weight by weight on the compute device, without loading the model: ComfyUI's
+    ``force_patch_weights`` load is refused by Dynamic VRAM and would put the whole model on
+    the GPU. Each patched weight starts from the original (ComfyUI's backup, when a clone
+    has merged its own patches into the shared module) and goes through ComfyUI's own
+    ``calculate_weight``. Quantized ComfyUI weights (comfy_quant) come back dequantized.
     """
     from comfy.quant_ops import QuantizedTensor
 
-    comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
-    state = bfl_state_dict(patcher)
-    for key, tensor in state.items():
+    device = comfy.model_management.get_torch_device()
+    base = patcher.model.diffusion_model
+    quantized = {
+        n
+        for n, m in base.named_modules()
+        if isinstance(getattr(m, "weight", None), QuantizedTensor)
+    }
+    state = {}
+    for name, tensor in [*base.named_parameters(), *base.named_buffers()]:
+        module, _, suffix = name.rpartition(".")
+        if module in quantized and suffix not in ("weight", "bias"):
+            continue  # a quantization parameter (input_scale): part of the dequantized weight
+        key = f"diffusion_model.{name}"
+        if key in patcher.backup:
+            tensor = patcher.backup[key].weight
         if isinstance(tensor, QuantizedTensor):
-            state[key] = tensor.dequantize()
+            tensor = tensor.dequantize()
+        if key in patcher.patches:
+            dtype = tensor.dtype if tensor.dtype in _PATCHED_DTYPES else torch.bfloat16
+            merged = tensor.to(device, torch.float32, copy=True)
+            merged = comfy.lora.calculate_weight(patcher.patches[key], merged, key)
+            tensor = merged.to("cpu", dtype)
+        state[bfl_key(name)] = tensor.detach()
     return state
 
 
@@ -99,11 +144,7 @@ def check_bf16_flux(patcher) -> None:
     from comfy.quant_ops import QuantizedTensor
 
     check_flux(patcher)
-    if patcher.patches:
-        raise ValueError(
-            f"this MODEL carries patches on {len(patcher.patches)} weights (LoRAs?): connect "
-            "the plain bf16 FLUX.1-dev, from before the LoRA loaders"
-        )
+    refuse_patches(patcher, "connect the plain bf16 FLUX.1-dev, from before the LoRA loaders")
     for key, tensor in bfl_state_dict(patcher).items():
         if isinstance(tensor, QuantizedTensor):
             found = "a quantized weight"

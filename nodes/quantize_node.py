@@ -8,7 +8,13 @@ from comfy_api.latest import io
 
 from ..ternary.convert import quantize_state_dict
 from ..ternary.quantize import SCALE_RULES
-from .model_io import ACT_BITS, check_flux, dense_state_dict, patcher_from_state_dict
+from .model_io import (
+    ACT_BITS,
+    activations_input,
+    check_flux,
+    dense_state_dict,
+    patcher_from_state_dict,
+)
 
 
 class QuantizeModelToTernary(io.ComfyNode):
@@ -43,12 +49,7 @@ class QuantizeModelToTernary(io.ComfyNode):
                     "its checkpoints). lsq: same ternary values, least-squares scale (lower "
                     "error).",
                 ),
-                io.Combo.Input(
-                    "activations",
-                    options=list(ACT_BITS),
-                    default="16-bit",
-                    tooltip="Activation precision of the ternary matmuls (8-bit: fp8 per token).",
-                ),
+                activations_input(),
             ],
             outputs=[io.Model.Output(), io.String.Output(display_name="report")],
         )

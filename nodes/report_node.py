@@ -147,6 +147,7 @@ class TernaryReport(io.ComfyNode):
                     default=0,
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=io.ControlAfterGenerate.fixed,
                     tooltip="Seed of the noise latent and of the random conditioning.",
                 ),
                 io.Model.Input(

@@ -8,7 +8,13 @@ from comfy_api.latest import io
 
 from ..ternary.reproduction import import_reproduction_from_weights
 from . import folders
-from .model_io import ACT_BITS, bfl_state_dict, check_bf16_flux, patcher_from_state_dict
+from .model_io import (
+    ACT_BITS,
+    activations_input,
+    bfl_state_dict,
+    check_bf16_flux,
+    patcher_from_state_dict,
+)
 
 
 class LoadReproductionCheckpoint(io.ComfyNode):
@@ -34,12 +40,7 @@ class LoadReproductionCheckpoint(io.ComfyNode):
                     tooltip="A ternary_distilled_*.pt file in models/ternary. Only its tensors "
                     "are read (weights_only); no code from it runs.",
                 ),
-                io.Combo.Input(
-                    "activations",
-                    options=list(ACT_BITS),
-                    default="16-bit",
-                    tooltip="Activation precision of the ternary matmuls (8-bit: fp8 per token).",
-                ),
+                activations_input(),
             ],
             outputs=[io.Model.Output()],
         )

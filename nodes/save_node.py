@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.packing import PACKINGS, pack, unpack_2bit
 from . import folders
-from .model_io import bfl_state_dict
+from .model_io import bfl_state_dict, refuse_patches
 from .ternary_ops import ternary_modules
 
 _DENSE_DTYPES = (torch.float16, torch.bfloat16)
@@ -21,11 +21,9 @@ def ternary_file_tensors(patcher, packing: str) -> tuple[dict, dict, int]:
     layers = ternary_modules(patcher)
     if not layers:
         raise ValueError("this MODEL has no ternary layers; quantize or load a ternary model")
-    if patcher.patches:
-        raise ValueError(
-            f"this MODEL carries patches on {len(patcher.patches)} weights (LoRAs?), which a "
-            "ternary file cannot hold: connect the model from before the LoRA loaders"
-        )
+    refuse_patches(
+        patcher, "a ternary file cannot hold them; connect the model from before the LoRA loaders"
+    )
     tensors = {}
     for key, tensor in bfl_state_dict(patcher).items():
         module, suffix = key.rsplit(".", 1)

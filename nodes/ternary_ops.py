@@ -31,6 +31,7 @@ class ComfyTernaryLinear(TernaryLinear):
     ``bias`` is a buffer here, so the ModelPatcher never merges a bias patch on its own;
     :mod:`.lora_branches` applies weight and bias patches together (``patch_down``,
     ``patch_up``: the extra low-rank branch, strengths folded into ``patch_up``;
+    ``patch_dense``: the summed dense difference of other adapters, [N, K];
     ``patch_bias``: the patched bias).
     """
 
@@ -44,6 +45,7 @@ class ComfyTernaryLinear(TernaryLinear):
     def clear_patches(self) -> None:
         self.patch_down: torch.Tensor | None = None
         self.patch_up: torch.Tensor | None = None
+        self.patch_dense: torch.Tensor | None = None
         self.patch_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ class ComfyTernaryLinear(TernaryLinear):
                 up = torch.cat([here(up).to(dtype) * scale, here(self.patch_up).to(dtype)], 1)
                 scale = 1.0
         bias = self.bias if self.patch_bias is None else self.patch_bias
-        return ternary_linear(
+        out = ternary_linear(
             x,
             here(self.weight),
             here(self.weight_scale),
@@ -76,6 +78,9 @@ class ComfyTernaryLinear(TernaryLinear):
             scale,
             self.act_bits,
         )
+        if self.patch_dense is not None:
+            out = out + torch.nn.functional.linear(x, here(self.patch_dense).to(x.dtype))
+        return out
 
 
 def _become_ternary(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from comfyui_harness import REPO, require_comfyui
+from comfyui_reference import dequantized
 from comfyui_server import ComfyServer, save_random_taef1
 from PIL import Image
 from safetensors.torch import save_file
@@ -19,27 +20,9 @@ from test_reproduction import make_checkpoint, to_diffusers
 from comfyui_ternary_flux.ternary.convert import quantize_state_dict
 from comfyui_ternary_flux.ternary.fileformat import save_ternary_file
 from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
-from comfyui_ternary_flux.ternary.packing import unpack_2bit
 from comfyui_ternary_flux.ternary.reproduction import import_reproduction
 
 H = TINY_FLUX.hidden_size
-
-
-def dequantized(tensors, layers) -> dict[str, torch.Tensor]:
-    dense = {}
-    for key, value in tensors.items():
-        module, suffix = key.rsplit(".", 1)
-        if module not in layers:
-            dense[key] = value.float()
-        elif suffix == "weight":
-            w = unpack_2bit(value, layers[module][1], torch.float32)
-            w = w * tensors[f"{module}.weight_scale"][:, None]
-            down = tensors[f"{module}.lora_down"].float()
-            alpha = float(tensors[f"{module}.lora_alpha"])
-            dense[key] = w + alpha / down.shape[0] * tensors[f"{module}.lora_up"].float() @ down
-        elif suffix == "bias":
-            dense[key] = value.float()
-    return dense
 
 
 def diffusers_lora(rank: int = 4) -> dict[str, torch.Tensor]:

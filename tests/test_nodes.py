@@ -6,11 +6,15 @@ dense float32 weights), so it tests the integration, not a copy of our own formu
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from comfyui_harness import import_comfyui
+from comfyui_reference import dequantized
 from safetensors.torch import save_file
 from test_reproduction import make_checkpoint, to_diffusers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_ternary_flux.ternary.convert import quantize_state_dict
 from comfyui_ternary_flux.ternary.flux import TINY_FLUX, is_block_linear, random_flux_state_dict
@@ -25,9 +29,11 @@ import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
 
 from comfyui_ternary_flux.nodes import lora_branches  # noqa: E402
+from comfyui_ternary_flux.nodes.extension import TernaryFluxExtension  # noqa: E402
 from comfyui_ternary_flux.nodes.model_io import (  # noqa: E402
     check_bf16_flux,
     check_flux,
+    dense_state_dict,
     patcher_from_state_dict,
 )
 from comfyui_ternary_flux.nodes.report_node import (  # noqa: E402
@@ -48,26 +54,6 @@ def quantized():
     state = random_flux_state_dict(TINY_FLUX, seed=1)
     tensors, layers, _ = quantize_state_dict(state, lora_rank=4)
     return tensors, layers
-
-
-def dequantized(tensors, layers) -> dict[str, torch.Tensor]:
-    """The dense float32 model that a ternary state dict stands for."""
-    dense = {}
-    for key, value in tensors.items():
-        module, suffix = key.rsplit(".", 1)
-        if module not in layers:
-            dense[key] = value.float()
-        elif suffix == "weight":
-            n, k = layers[module]
-            w = unpack_2bit(value, k, torch.float32) * tensors[f"{module}.weight_scale"][:, None]
-            if f"{module}.lora_down" in tensors:
-                alpha = float(tensors[f"{module}.lora_alpha"])
-                down = tensors[f"{module}.lora_down"].float()
-                w = w + alpha / down.shape[0] * tensors[f"{module}.lora_up"].float() @ down
-            dense[key] = w
-        elif suffix == "bias":
-            dense[key] = value.float()
-    return dense
 
 
 def run(patcher, seed: int = 0) -> torch.Tensor:
@@ -160,17 +146,40 @@ def test_base_model_is_clean_again_after_a_lora_run(quantized):
     assert torch.equal(run(base, seed=5), before)
 
 
-def test_lokr_falls_back_to_an_exact_dense_branch(quantized):
+class ShapeLog(TorchDispatchMode):
+    """Records the shape of every tensor an op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def test_lokr_and_diff_run_as_one_exact_dense_patch(quantized):
     tensors, layers = quantized
+    name = "single_blocks.1.linear1"
+    n, k = layers[name]
     gen = torch.Generator().manual_seed(3)
-    prefix = "lora_unet_double_blocks_0_img_attn_proj"
+    prefix = "lora_unet_single_blocks_1_linear1"
     lokr = {
         f"{prefix}.lokr_w1": 0.1 * torch.randn(16, 16, generator=gen),
-        f"{prefix}.lokr_w2": 0.1 * torch.randn(H // 16, H // 16, generator=gen),
+        f"{prefix}.lokr_w2": 0.1 * torch.randn(n // 16, k // 16, generator=gen),
     }
-    out = run(with_lora(patcher_from_state_dict(tensors), lokr, 0.8))
+    diff = {f"{prefix}.diff": 0.01 * torch.randn(n, k, generator=gen)}
+    patched = with_lora(with_lora(patcher_from_state_dict(tensors), lokr, 0.8), diff, -0.5)
+    with ShapeLog() as log:
+        out = run(patched)
+    assert (n, n) not in log.shapes  # no identity "up" of the old dense branch
+    layer = ternary_modules(patched)[name]
+    assert layer.patch_down is None and layer.patch_dense.shape == (n, k)
     dense = comfy.sd.load_diffusion_model_state_dict(dequantized(tensors, layers))
-    assert_close(out, run(with_lora(dense, lokr, 0.8)))
+    assert_close(out, run(with_lora(with_lora(dense, lokr, 0.8), diff, -0.5)))
 
 
 def test_dora_is_refused_with_a_message(quantized):
@@ -201,6 +210,35 @@ def test_saving_a_patched_model_is_refused(quantized):
     patched = with_lora(patcher_from_state_dict(tensors), lora_file(), 1.0)
     with pytest.raises(ValueError, match="LoRA"):
         ternary_file_tensors(patched, "2bit")
+
+
+def test_dense_state_dict_merges_loras_without_a_forced_load(quantized, monkeypatch):
+    """Dynamic VRAM refuses ``force_patch_weights``: the merge must not ask for it."""
+    loads = []
+
+    def load_models_gpu(models, *args, force_patch_weights=False, **kwargs):
+        assert not force_patch_weights, "Dynamic VRAM asserts on force_patch_weights"
+        loads.append(models)
+        return original(models, *args, **kwargs)
+
+    original = comfy.model_management.load_models_gpu
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", load_models_gpu)
+    tensors, layers = quantized
+    dense = dequantized(tensors, layers)
+    lora = lora_file()
+    base = comfy.sd.load_diffusion_model_state_dict(dict(dense))
+    patched = with_lora(base, lora, 0.7)
+    merged = dense_state_dict(patched)
+    assert not loads  # nothing was loaded for it
+    assert "double_blocks.0.img_attn.norm.query_norm.scale" in merged  # BFL names
+    ref = run(with_lora(comfy.sd.load_diffusion_model_state_dict(dict(dense)), lora, 0.7))
+    assert_close(run(comfy.sd.load_diffusion_model_state_dict(dict(merged))), ref, 1e-6)
+    qkv = "double_blocks.0.img_attn.qkv.weight"
+    assert not torch.equal(merged[qkv], dense[qkv])
+    # after a run has merged the LoRA into the shared modules, the base stays unpatched
+    run(patched)
+    assert torch.equal(dense_state_dict(base)[qkv], dense[qkv])
+    assert torch.equal(dense_state_dict(patched)[qkv], merged[qkv])
 
 
 class NotFlux:
@@ -344,3 +382,15 @@ def test_reproduction_node_refuses_what_is_not_the_bf16_base(reproduction, quant
         with pytest.raises(ValueError, match=message):
             LoadReproductionCheckpoint.execute(model, "ternary_distilled.pt", "16-bit")
     check_bf16_flux(load(dict(bfl)))
+
+
+def test_every_input_of_every_node_has_a_tooltip():
+    node_list = asyncio.run(TernaryFluxExtension().get_node_list())
+    assert len(node_list) == 9
+    missing = [
+        f"{node.__name__}.{item.id}"
+        for node in node_list
+        for item in node.define_schema().inputs
+        if not (item.tooltip or "").strip()
+    ]
+    assert not missing, f"inputs without a tooltip: {missing}"

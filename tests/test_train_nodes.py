@@ -3,6 +3,8 @@ in-process distillation to a loadable ternary MODEL, interrupt + resume, and job
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from comfyui_harness import import_comfyui
@@ -14,6 +16,7 @@ import_comfyui()
 
 import comfy.model_management  # noqa: E402
 import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 from comfyui_ternary_flux.nodes import distill as nodes  # noqa: E402
@@ -75,37 +78,80 @@ def test_teacher_velocities_come_from_comfyui_model(comfy_dirs):
     torch.testing.assert_close(v[0].to(torch.bfloat16).float(), ex["v"], rtol=2e-2, atol=2e-2)
 
 
-def test_distill_node_interrupts_then_resumes_to_a_ternary_model(comfy_dirs, monkeypatch):
+def progress_hook(monkeypatch, error: BaseException | None = None):
+    """ComfyUI's server progress hook, unthrottled: raises the interrupt when one is pending
+    (clearing it), as the server's does. With ``error``, the first call raises that."""
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        if error is not None:
+            raise error
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0.0)
+
+
+def distill_job(model):
+    return nodes.DistillTernary.execute(
+        model=model, dataset="tiny", name="job", gradient_checkpointing=True, **NUMBERS
+    )
+
+
+def test_cancel_checkpoints_then_queueing_again_resumes(comfy_dirs, monkeypatch):
     model = tiny_model()
     build(model)
-    calls = []
-
-    def interrupted():
-        calls.append(1)
-        return len(calls) == 2
-
-    monkeypatch.setattr(comfy.model_management, "processing_interrupted", interrupted)
-    comfy.model_management.interrupt_current_processing(True)
+    progress_hook(monkeypatch)
+    comfy.model_management.interrupt_current_processing(True)  # Cancel during step 1
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        nodes.DistillTernary.execute(
-            model=model, dataset="tiny", name="job", gradient_checkpointing=True, **NUMBERS
-        )
+        distill_job(model)
     status, steps = nodes.read_progress(nodes.job_dir("job"))
-    assert status["state"] == "stopped" and len(steps) == 2
-    monkeypatch.setattr(comfy.model_management, "processing_interrupted", lambda: False)
-    patcher, loss_map, file = nodes.DistillTernary.execute(
-        model=model, dataset="tiny", name="job", gradient_checkpointing=True, **NUMBERS
-    ).args
+    assert status["state"] == "stopped" and len(steps) == 1  # checkpoint_every is 2
+    assert (nodes.job_dir("job") / "checkpoint.pt").exists()
+    patcher, loss_map, file = distill_job(model).args
     assert len(loss_map["loss"]) == 4 and file.endswith("job.safetensors")
     assert len(ternary_modules(patcher)) == 26
     text = nodes.JobStatus.execute(job="job").args[0]
     assert "finished, step 4/4" in text and "job.safetensors" in text
 
 
+def test_a_failed_run_says_so_in_its_status(comfy_dirs, monkeypatch):
+    model = tiny_model()
+    build(model)
+    progress_hook(monkeypatch, OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        distill_job(model)
+    status, _ = nodes.read_progress(nodes.job_dir("job"))
+    assert status["state"] == "failed" and "disk full" in status["error"]
+    assert "job job: failed" in nodes.JobStatus.execute(job="job").args[0]
+
+
 def test_job_status_of_unknown_job_and_bad_names(comfy_dirs):
     assert "not started" in nodes.JobStatus.execute(job="nothing").args[0]
     with pytest.raises(ValueError, match="invalid job name"):
         nodes.job_dir("../escape")
+
+
+def test_distill_job_keeps_pythonpath_and_closes_its_log(comfy_dirs, monkeypatch):
+    build(tiny_model())
+    (comfy_dirs / "dm").mkdir()
+    (comfy_dirs / "dm" / "tiny.safetensors").write_bytes(b"")
+    folder_paths.add_model_folder_path("diffusion_models", str(comfy_dirs / "dm"), is_default=True)
+    monkeypatch.setenv("PYTHONPATH", "/site/extra")
+    launched = {}
+
+    class Popen:
+        pid = 4242
+
+        def __init__(self, command, **kwargs) -> None:
+            launched.update(kwargs)
+
+    monkeypatch.setattr(nodes.subprocess, "Popen", Popen)
+    nodes.DistillJob.execute(
+        model_file="tiny.safetensors", dataset="tiny", name="env", gpus=1, **NUMBERS
+    )
+    link = str(nodes.job_dir("env") / "python")
+    assert launched["env"]["PYTHONPATH"].split(os.pathsep) == [link, "/site/extra"]
+    assert launched["stdout"].closed  # the child has its own descriptor
 
 
 def test_distill_job_runs_in_the_background_and_status_follows_it(comfy_dirs):

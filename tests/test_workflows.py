@@ -28,6 +28,7 @@ import nodes  # noqa: E402
 WORKFLOWS = REPO / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 USER_FILES = {  # the files a FLUX.1-dev user has, by ComfyUI model folder
     "diffusion_models": ["flux1-dev.safetensors"],
     "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
@@ -86,14 +87,18 @@ def ui_to_api(workflow: dict, registered: dict) -> dict:
         sockets = {i["name"]: i["link"] for i in node["inputs"] if i["link"] is not None}
         values = iter(node["widgets_values"])
         inputs = {}
-        for name, _, is_widget, options in inputs_of(registered[node["type"]]):
+        for name, kind, is_widget, options in inputs_of(registered[node["type"]]):
             if name in sockets:
                 _, origin, slot, *_ = links[sockets[name]]
                 inputs[name] = [str(origin), slot]
             elif is_widget:
                 inputs[name] = next(values)
-                if options.get("control_after_generate"):
-                    assert next(values) in ("fixed", "increment", "decrement", "randomize")
+                # the frontend's rule: a control widget follows every INT named seed /
+                # noise_seed unless the input says otherwise
+                seed = kind == "INT" and name in ("seed", "noise_seed")
+                if options.get("control_after_generate", seed):
+                    control = next(values, None)
+                    assert control in CONTROL_VALUES, f"node {node['id']}: {name} lacks its control"
         assert next(values, None) is None, f"node {node['id']}: extra widget values"
         graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return graph
