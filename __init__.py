@@ -4,8 +4,6 @@ This file is ComfyUI's entry point. It imports nothing of ComfyUI until ComfyUI 
 `comfy_entrypoint`, so the core (`ternary/`, `kernels/`) can be used without ComfyUI.
 """
 
-WEB_DIRECTORY = None
-
 
 async def comfy_entrypoint():
     """Return the V3 extension that lists this pack's nodes (called by ComfyUI)."""
