@@ -229,3 +229,15 @@ def test_bad_weights_are_refused_and_leave_nothing(tmp_path, tiny_state):
             quantize_file(src, tmp_path / "out.safetensors")
         assert not (tmp_path / "out.safetensors").exists()
     assert len(list(tmp_path.iterdir())) == len(cases)
+
+
+def test_schnell_architecture_without_guidance_round_trips(tmp_path):
+    from dataclasses import replace
+
+    schnell = replace(TINY_FLUX, guidance_embed=False)
+    state = random_flux_state_dict(schnell, seed=5)
+    assert not any(k.startswith("guidance_in") for k in state)
+    tensors, layers, report = quantize_state_dict(state)
+    assert report.config == schnell
+    save_ternary_file(tmp_path / "s.safetensors", tensors, layers)
+    assert load_ternary_file(tmp_path / "s.safetensors").config == schnell
