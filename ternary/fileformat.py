@@ -262,7 +262,11 @@ class MmapReader:
             }
         self._base = 8 + length
         self._file = open(self.path, "rb")
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._file.close()
+            raise
 
     def get(self, key: str) -> torch.Tensor:
         dtype_name, shape = self.infos[key]
