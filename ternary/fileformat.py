@@ -200,7 +200,12 @@ def read_header(
     path: str | os.PathLike,
 ) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
     """(metadata, {key: (dtype name, shape)}) of a safetensors file, checking its length."""
-    path = Path(path)
+    metadata, infos, _ = _parse_header(Path(path))
+    return metadata, infos
+
+
+def _parse_header(path: Path) -> tuple[dict, dict, dict[str, tuple[int, int]]]:
+    """read_header's work, plus each tensor's absolute (begin, end) byte offsets."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     size = path.stat().st_size
@@ -223,12 +228,13 @@ def read_header(
     if not isinstance(header, dict):
         raise TernaryFormatError(f"{path.name}: corrupt safetensors header")
     metadata = header.pop("__metadata__", None) or {}
-    infos = {}
+    infos, offsets = {}, {}
     end = 0
     for key, info in header.items():
         try:
             infos[key] = (info["dtype"], tuple(info["shape"]))
             begin, stop = info["data_offsets"]
+            offsets[key] = (8 + length + begin, 8 + length + stop)
             end = max(end, stop)
         except (TypeError, KeyError, IndexError, ValueError):
             raise TernaryFormatError(f"{path.name}: corrupt header entry for {key!r}") from None
@@ -240,7 +246,7 @@ def read_header(
             f"{path.name}: truncated file: the header describes {8 + length + end} bytes, "
             f"the file has {size}"
         )
-    return metadata, infos
+    return metadata, infos, offsets
 
 
 class MmapReader:
@@ -252,15 +258,7 @@ class MmapReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.metadata, self.infos = read_header(self.path)
-        with open(self.path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            self._offsets = {
-                k: v["data_offsets"]
-                for k, v in json.loads(f.read(length)).items()
-                if k != "__metadata__"
-            }
-        self._base = 8 + length
+        self.metadata, self.infos, self._offsets = _parse_header(self.path)
         self._file = open(self.path, "rb")
         try:
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
@@ -270,7 +268,7 @@ class MmapReader:
 
     def get(self, key: str) -> torch.Tensor:
         dtype_name, shape = self.infos[key]
-        begin, end = (self._base + o for o in self._offsets[key])
+        begin, end = self._offsets[key]
         data = bytearray(memoryview(self._map)[begin:end])
         page = mmap.PAGESIZE
         start = begin - begin % page
