@@ -192,6 +192,19 @@ def diffusion_model_keys(keys: list[str]) -> list[str]:
     return prefixed or keys
 
 
+def flux_tensors(
+    reader: MmapReader,
+) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], Callable[[str], torch.Tensor]]:
+    """(shapes, get) of the diffusion model in a file, under BFL names: the
+    ``model.diffusion_model.`` prefix dropped, VAE / text-encoder keys left out."""
+    names = {strip_prefix(k): k for k in diffusion_model_keys(list(reader.infos))}
+    shapes = {}
+    for key, name in names.items():
+        dtype_name, shape = reader.infos[name]
+        shapes[key] = (dtype_from_name(dtype_name), shape)
+    return shapes, lambda key: reader.get(names[key])
+
+
 def quantize_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -210,24 +223,21 @@ def quantize_file(
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
     with MmapReader(src) as reader:
-        names = {strip_prefix(k): k for k in diffusion_model_keys(list(reader.infos))}
-        scaled = [k for k in names if k.endswith((".scale_weight", ".comfy_quant", ".input_scale"))]
+        shapes, get = flux_tensors(reader)
+        scaled = [
+            k for k in shapes if k.endswith((".scale_weight", ".comfy_quant", ".input_scale"))
+        ]
         if scaled:
             raise ValueError(
                 f"{src.name} is a scaled-fp8 / mixed-precision checkpoint ({scaled[0]}); quantize "
                 "from the bf16 or fp16 file, or load it in ComfyUI and use the Quantize node"
             )
-        shapes = {}
-        for key, name in names.items():
-            dtype_name, shape = reader.infos[name]
-            shapes[key] = (dtype_from_name(dtype_name), shape)
         report = QuantizeReport(detect_config({k: s for k, (_, s) in shapes.items()}))
         entries, layers = plan(shapes, lora_rank, packing)
         meta = build_metadata(
             layers, packing, lora_rank, scale_rule, {"source": src.name, "architecture": "flux"}
         )
-        get = lambda key: reader.get(names[key])  # noqa: E731
-        loop = _convert(list(names), get, report, lora_rank, scale_rule, packing, device, progress)
+        loop = _convert(list(shapes), get, report, lora_rank, scale_rule, packing, device, progress)
         with StreamingWriter(dst, entries, meta, overwrite=overwrite) as writer:
             for key, tensor in loop:
                 writer.write(key, tensor)

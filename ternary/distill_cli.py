@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .convert import diffusion_model_keys
+from .convert import flux_tensors
 from .distill_config import DistillConfig, DistillConfigError, load_config, read_settings_file
 from .distributed import DistEnv, init_distributed, shutdown
-from .flux import FLUX_DEV, TINY_FLUX, random_flux_state_dict, strip_prefix
+from .fileformat import MmapReader
+from .flux import FLUX_DEV, TINY_FLUX, random_flux_state_dict
 from .flux_model import flux_from_state_dict
 from .student import load_student, student_from_tensors
 from .teacher import (
@@ -52,10 +52,8 @@ def dense_tensors(spec: str, device) -> tuple[dict, Callable[[str], torch.Tensor
         return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
     if not Path(spec).is_file():
         raise FileNotFoundError(f"model file not found: {spec}")
-    handle = safe_open(spec, framework="pt")
-    keys = {strip_prefix(k): k for k in diffusion_model_keys(list(handle.keys()))}
-    shapes = {short: tuple(handle.get_slice(full).get_shape()) for short, full in keys.items()}
-    return shapes, lambda key: handle.get_tensor(keys[key])
+    shapes, get = flux_tensors(MmapReader(spec))  # stays open for as long as ``get`` lives
+    return {k: s for k, (_, s) in shapes.items()}, get
 
 
 def teacher_prompts(values: dict, base: Path) -> list[str]:

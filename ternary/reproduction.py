@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .convert import Progress, diffusion_model_keys
-from .fileformat import StreamingWriter, build_metadata, dtype_from_name, read_header
+from .convert import Progress, diffusion_model_keys, flux_tensors
+from .fileformat import MmapReader, StreamingWriter, build_metadata
 from .flux import detect_config, is_block_linear, strip_prefix
 from .packing import pack, packed_shape
 from .quantize import ternarize
@@ -307,13 +306,11 @@ def import_reproduction(
             raise FileExistsError(f"{out_path} exists; pass --force to overwrite it")
         if out_path.resolve() in (base_path.resolve(), checkpoint_path.resolve()):
             raise ValueError("the output must not be one of the input files")
-    _, infos = read_header(base_path)
-    keys = diffusion_model_keys(list(infos))
-    shapes = {k: (dtype_from_name(infos[k][0]), infos[k][1]) for k in keys}
-    with safe_open(str(base_path), framework="pt", device="cpu") as f:
+    with MmapReader(base_path) as reader:
+        shapes, get = flux_tensors(reader)
         return _import(
             shapes,
-            f.get_tensor,
+            get,
             base_path.name,
             checkpoint_path,
             out_path,

@@ -11,12 +11,11 @@ import os
 from collections.abc import Callable, Mapping
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .convert import diffusion_model_keys
-from .fileformat import load_ternary_file, read_header
-from .flux import detect_config, is_block_linear, strip_prefix
+from .convert import flux_tensors
+from .fileformat import MmapReader, load_ternary_file
+from .flux import detect_config, is_block_linear
 from .flux_model import FluxTransformer, ternary_flux_from_state_dict
 from .modules import TernaryLinear
 
@@ -68,29 +67,27 @@ def load_student(
 ) -> FluxTransformer:
     """Student from a dense FLUX safetensors file (quantized here) or a ternary-flux v1 file
     (used as it is; its LoRA rank must equal ``lora_rank``)."""
-    metadata, infos = read_header(path)
-    if metadata.get("format") == "ternary-flux":
-        ckpt = load_ternary_file(path, device)
-        if ckpt.lora_rank != lora_rank:
-            raise ValueError(
-                f"{path} has LoRA rank {ckpt.lora_rank}, the config asks for {lora_rank}; "
-                "start from the bf16 model to get a new rank"
+    with MmapReader(path) as reader:
+        if reader.metadata.get("format") != "ternary-flux":
+            shapes, get = flux_tensors(reader)
+            return student_from_tensors(
+                {k: s for k, (_, s) in shapes.items()},
+                get,
+                lora_rank,
+                scale_rule,
+                dtype,
+                device,
+                gradient_checkpointing,
             )
-        return ternary_flux_from_state_dict(
-            ckpt.state_dict, ckpt.layers, dtype, device, gradient_checkpointing
+    ckpt = load_ternary_file(path, device)
+    if ckpt.lora_rank != lora_rank:
+        raise ValueError(
+            f"{path} has LoRA rank {ckpt.lora_rank}, the config asks for {lora_rank}; "
+            "start from the bf16 model to get a new rank"
         )
-    with safe_open(str(path), framework="pt") as f:
-        keys = {strip_prefix(k): k for k in diffusion_model_keys(list(f.keys()))}
-        shapes = {short: tuple(infos[full][1]) for short, full in keys.items()}
-        return student_from_tensors(
-            shapes,
-            lambda key: f.get_tensor(keys[key]),
-            lora_rank,
-            scale_rule,
-            dtype,
-            device,
-            gradient_checkpointing,
-        )
+    return ternary_flux_from_state_dict(
+        ckpt.state_dict, ckpt.layers, dtype, device, gradient_checkpointing
+    )
 
 
 def ternary_layers(model: nn.Module) -> dict[str, TernaryLinear]:
