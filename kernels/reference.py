@@ -17,11 +17,12 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric fp8 e4m3 quantization: (codes as float32, scale [..., 1] float32).
 
-    ``x ~ codes * scale``; the codes are exactly representable in float8_e4m3fn.
+    ``x ~ codes * scale``; the codes are exactly representable in float8_e4m3fn. The codes
+    are x times the reciprocal of the scale (one division per token, as the Triton kernel).
     """
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    codes = (xf / scale).to(torch.float8_e4m3fn).float()
+    codes = (xf * (1.0 / scale)).to(torch.float8_e4m3fn).float()
     return codes, scale
 
 

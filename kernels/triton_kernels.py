@@ -529,7 +529,9 @@ def quantize_fp8_kernel(
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
-    """Per-token fp8 e4m3: scale = max|x| / 448, q = x / scale (reference.quantize_activations).
+    """Per-token fp8 e4m3: scale = max|x| / 448, q = x * (1 / scale) (as the reference).
+
+    Launched with fp fusion off: x * (1 / scale) must round before the e4m3 rounding adds.
 
     q is stored as fp8 or, for GPUs without fp8 tensor cores, as the same values in bf16.
     One program per token; a row that fits in BLOCK_K stays in registers (one read of x).
@@ -549,11 +551,12 @@ def quantize_fp8_kernel(
         amax = tl.max(amax, axis=0)
     scale = tl.div_rn(tl.maximum(amax, 1e-12), 448.0)
     tl.store(scale_ptr + row, scale)
+    inverse = tl.div_rn(1.0, scale)  # one division per row: a division per element halves the speed
     if ONE_PASS:
-        q = _round_to_e4m3(tl.div_rn(x, scale))
+        q = _round_to_e4m3(x * inverse)
         tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
-            q = _round_to_e4m3(tl.div_rn(x, scale))
+            q = _round_to_e4m3(x * inverse)
             tl.store(q_row + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=(k0 + cols) < K)

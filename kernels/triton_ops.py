@@ -139,10 +139,10 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m:
         one_pass = k <= QUANT_MAX_ONE_PASS
         block = triton.next_power_of_2(k) if one_pass else 4096
-        warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+        warps = 4 if block <= 4096 else 8
         tk.quantize_fp8_kernel[(m,)](
             x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
-            num_warps=warps,
+            num_warps=warps, enable_fp_fusion=False,
         )  # fmt: skip
     return q, scale
 
