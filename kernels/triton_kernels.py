@@ -35,6 +35,50 @@ def _unpack(p, shift, dtype: tl.constexpr):
     return ((code | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0).to(dtype)
 
 
+@triton.constexpr_function
+def _plane_asm_text(plane, half):
+    """PTX for _unpack_plane_asm: two bytes -> one f16x2 / bf16x2 register of plane ``plane``.
+
+    prmt spreads the bytes into the two 16-bit halves; lop3 keeps the plane's code bits and
+    ORs in a float whose last mantissa bits they become (bf16 128 + c 4**plane; fp16 1024 +
+    c 4**plane; bf16 plane 3 straddles the exponent: 0.5 + c / 4), and one packed fma maps
+    that exactly onto c - 1.
+    """
+    mask = (0x00030003, 0x000C000C, 0x00300030, 0x00C000C0)[plane]
+    if half:  # fp16: 1024 + c * 4**p; v / 4**p - (1024 / 4**p + 1)
+        magic, scale, offset = (
+            0x6400,
+            (0x3C00, 0x3400, 0x2C00, 0x2400),
+            (0xE401, 0xDC04, 0xD410, 0xCC40),
+        )
+        kind = "f16x2"
+    else:  # bf16: 128 + c * 4**p (planes 0-2), 0.5 + c / 4 (plane 3)
+        magic = 0x3F00 if plane == 3 else 0x4300
+        scale, offset = (0x3F80, 0x3E80, 0x3D80, 0x4080), (0xC301, 0xC204, 0xC110, 0xC040)
+        kind = "bf16x2"
+
+    def pair(v):
+        return f"0x{v * 0x10001:08X}"
+
+    return (
+        "{.reg .b32 t, s, c; cvt.u32.u16 t, $1; prmt.b32 t, t, 0, 0x4140; "
+        f"lop3.b32 t, t, 0x{mask:08X}, {pair(magic)}, 0xEA; mov.b32 s, {pair(scale[plane])}; "
+        f"mov.b32 c, {pair(offset[plane])}; fma.rn.{kind} $0, t, s, c;}}"
+    )
+
+
+@triton.jit
+def _unpack_plane_asm(p, plane: tl.constexpr, dtype: tl.constexpr):
+    """_unpack(p, 2 * plane, dtype) for fp16 / bf16 in inline PTX, two bytes per call (no
+    interpreter support: kernels switch to _unpack under TRITON_INTERPRET=1)."""
+    if dtype == tl.float16:
+        asm: tl.constexpr = _plane_asm_text(plane, True)
+        return tl.inline_asm_elementwise(asm, "=r,h", [p], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        asm: tl.constexpr = _plane_asm_text(plane, False)
+        return tl.inline_asm_elementwise(asm, "=r,h", [p], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
 @triton.jit
 def _group_columns(BLOCK_K: tl.constexpr):
     """For the columns 0..BLOCK_K-1 of a tile: their byte offset and bit shift in 2bit rows."""
@@ -235,33 +279,53 @@ def ternary_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    EVEN_BYTES: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
-    """One token (M == 1): no tensor cores, so no padding of the token to 16 rows.
+    """One token (M == 1) on tensor cores, the token padded to a [K, 16] operand of zeros.
 
-    Each step reads BLOCK_BYTES bytes of BLOCK_N weight rows (4 * BLOCK_BYTES columns) and
-    unpacks the four 2-bit planes in turn against the matching 32-column slices of x. With
-    SPLIT_K == 1 the epilogue runs here; otherwise out[pid_k] gets fp32 partial sums
-    (finished by splitk_epilogue_kernel). stride_xm is unused (one row).
+    The padding wastes tensor-core work, which is idle here anyway; the MACs leave the ALUs,
+    and with USE_ASM (compiled GPUs) _unpack_plane_asm unpacks two weights in ~2.5
+    instructions: the loop runs ~2-2.5 SASS instructions per weight (sm_90a) where
+    unpack-and-FMA on CUDA cores took ~6.5. Products are exact (ternary times fp16 / bf16),
+    sums fp32. Each step reads BLOCK_BYTES bytes of BLOCK_N rows (EVEN_BYTES: the packed row
+    width is a multiple of BLOCK_BYTES) and runs one dot per 2-bit plane against the
+    matching 32-column slices of x. With SPLIT_K == 1 the epilogue runs here; otherwise
+    out[pid_k] gets fp32 partial sums (finished by splitk_epilogue_kernel). stride_xm is
+    unused (one row).
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, 1)
     b = tl.arange(0, BLOCK_BYTES)
     group_start = (b // 32) * 128
     col = group_start + b % 32  # column of plane 0 held by byte b
+    token = tl.arange(0, 16)
     w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + b[None, :]
+    # fp8 codes (A8) are exact in bf16; fp16 keeps its own dtype (more mantissa than bf16)
+    dot_dtype = tl.float16 if x_ptr.dtype.element_ty == tl.float16 else tl.bfloat16
     steps = tl.cdiv(K, 4 * BLOCK_BYTES)
     per_split = tl.cdiv(steps, SPLIT_K)
     step_begin = tl.program_id(1) * per_split
     step_end = tl.minimum(step_begin + per_split, steps)
-    acc = tl.zeros((BLOCK_N, BLOCK_BYTES), tl.float32)
+    acc = tl.zeros((BLOCK_N, 16), tl.float32)
     for step in range(step_begin, step_end):
         k0 = step * 4 * BLOCK_BYTES
-        p = tl.load(w_ptrs + step * BLOCK_BYTES, mask=(k0 + group_start < K)[None, :], other=0x55)
+        if EVEN_BYTES:  # no mask: a masked load's fill value costs a select per byte
+            p = tl.load(w_ptrs + step * BLOCK_BYTES)
+        else:
+            p = tl.load(
+                w_ptrs + step * BLOCK_BYTES, mask=(k0 + group_start < K)[None, :], other=0x55
+            )
         for plane in tl.static_range(4):
             k = k0 + col + 32 * plane
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            acc += _unpack(p, 2 * plane, tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]
+            x_mask = (k < K)[:, None] & (token == 0)[None, :]
+            xt = tl.load(x_ptr + k[:, None] + token[None, :] * 0, mask=x_mask, other=0.0)
+            if USE_ASM:
+                w = _unpack_plane_asm(p, plane, dot_dtype)
+            else:
+                w = _unpack(p, 2 * plane, dot_dtype)
+            acc = tl.dot(w, xt.to(dot_dtype), acc)
+    y = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]: only token column 0 is nonzero
     if SPLIT_K == 1:
         y = _small_epilogue(
             y, offs_n, offs_m, M, N, scale_ptr, token_scale_ptr, bias_ptr, xd_ptr, up_ptr,

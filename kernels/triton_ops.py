@@ -210,7 +210,8 @@ def ternary_matmul(
             tk.ternary_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
                 *common, **flags, BLOCK_N=config.block_n,
                 BLOCK_BYTES=config.block_bytes, SPLIT_K=config.split_k,
-                num_warps=config.num_warps,
+                EVEN_BYTES=weight.shape[1] % config.block_bytes == 0,
+                USE_ASM=not interpreting(), num_warps=config.num_warps,
             )  # fmt: skip
         else:
             tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)

@@ -34,8 +34,8 @@ class DxConfig(NamedTuple):
 
 
 class GemvConfig(NamedTuple):
-    """One-token tile without tensor cores: BLOCK_N rows, BLOCK_BYTES packed bytes per row
-    per step (4x as many columns), K split over SPLIT_K programs."""
+    """One-token tile (the token padded to 16 tensor-core columns): BLOCK_N rows, BLOCK_BYTES
+    packed bytes per row per step (4x as many columns), K split over SPLIT_K programs."""
 
     block_n: int
     block_bytes: int
@@ -103,10 +103,13 @@ MATMUL_TABLES["ampere"]["a8"] = MATMUL_TABLES["ampere"]["a16"]
 
 _GV = GemvConfig
 
+# block_n 64 runs wgmma on Hopper (one warpgroup), mma.sync below and on Ampere / Ada. The
+# GEMV is latency bound on the H100: split-K wins at N = 3072; 16-32 row mma.sync tiles and
+# deeper pipelines were measured and never won.
 GEMV_TABLES: dict[str, list[GemvConfig]] = {
-    "hopper": [_GV(8, 256, 1, 4), _GV(16, 256, 1, 4), _GV(8, 256, 4, 4), _GV(16, 512, 2, 8)],
-    "ada": [_GV(8, 256, 1, 4), _GV(8, 256, 4, 4)],
-    "ampere": [_GV(8, 256, 1, 4), _GV(8, 256, 4, 4)],
+    "hopper": [_GV(64, 64, 1, 4), _GV(64, 64, 2, 4), _GV(64, 64, 3, 4), _GV(64, 128, 4, 4)],
+    "ada": [_GV(32, 64, 1, 2), _GV(64, 64, 3, 4)],
+    "ampere": [_GV(32, 64, 1, 2), _GV(64, 64, 3, 4)],
 }
 
 DX_TABLES: dict[str, dict[str, list[DxConfig]]] = {
@@ -139,7 +142,7 @@ UNPACK_BLOCK = (64, 128)  # (BLOCK_N, BLOCK_K) of the unpack kernel
 # Used under TRITON_INTERPRET=1 (CPU tests): small tiles keep the interpreter fast.
 INTERPRETER_MATMUL = MatmulConfig(32, 16, 128, 1, 4, 1)
 INTERPRETER_DX = DxConfig(128, 16, 32, 4, 1)
-INTERPRETER_GEMV = GemvConfig(8, 64, 1, 4)
+INTERPRETER_GEMV = GemvConfig(16, 32, 1, 4)
 
 
 def gpu_family(capability: tuple[int, int]) -> str:

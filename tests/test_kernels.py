@@ -136,26 +136,39 @@ def test_matmul_writes_every_output(fresh_configs, config, dtype):
 
 
 @pytest.mark.parametrize(
-    "config", [GemvConfig(8, 64, 1, 4), GemvConfig(16, 32, 3, 4)], ids=["one-pass", "split-k"]
+    "config",
+    [
+        GemvConfig(16, 64, 1, 1),
+        GemvConfig(16, 128, 1, 4),  # 192-byte rows: the last step is masked
+        GemvConfig(16, 32, 3, 4),
+        GemvConfig(64, 64, 2, 4),
+    ],
+    ids=["one-pass", "masked-tail", "split-k", "wide"],
 )
-@pytest.mark.parametrize("rank", [0, 5])
-def test_gemv_writes_every_output(fresh_configs, config, rank):
+@pytest.mark.parametrize(
+    "dtype,rank", [(torch.bfloat16, 0), (torch.bfloat16, 5), (torch.float16, 3)]
+)
+def test_gemv_writes_every_output(fresh_configs, config, dtype, rank):
     if triton_ops.interpreting():
         fresh_configs.setattr(triton_ops, "INTERPRETER_GEMV", config)
+    else:
+        family = triton_ops._family(torch.device(DEVICE))
+        fresh_configs.setitem(triton_ops.GEMV_TABLES, family, [config])
     gen = torch.Generator().manual_seed(20 + rank)
     m, k, n = 1, 700, 45
     t, weight, scale = ternary_layer(n, k, gen)
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEVICE)
-    bias = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEVICE)
+    # large activations with a nonzero mean: accumulation must stay fp32-precise
+    x = (torch.randn(m, k, generator=gen) * 300 + 100).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
     lora, down, up = None, None, None
     if rank:
-        down = (torch.randn(rank, k, generator=gen) / k**0.5).to(torch.bfloat16).to(DEVICE)
-        up = torch.randn(n, rank, generator=gen).to(torch.bfloat16).to(DEVICE)
+        down = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype).to(DEVICE)
+        up = torch.randn(n, rank, generator=gen).to(dtype).to(DEVICE)
         lora = (x @ down.t(), up, 0.4)
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     triton_ops.ternary_matmul(x, weight, scale, k, bias=bias, lora=lora, out=out)
     ref = expected(x, t, scale, bias, down, up, 0.4)
-    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
 @pytest.fixture

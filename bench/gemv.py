@@ -1,0 +1,135 @@
+"""Benchmark the one-token ternary GEMV against cuBLAS bf16 at the FLUX.1 linear shapes (CUDA).
+
+For each (K -> N) shape at M = 1, in one run: cuBLAS bf16 ``F.linear``, the ternary A16
+forward as dispatched (``linear_forward``: GEMV kernel, configuration autotuned) and the GEMV
+kernel with each configuration of the GPU's table forced. Each is checked against a float32
+reference first. Times are medians of CUDA-graph replays; every op cycles through enough
+copies of its weight (>= 160 MB) that it does not stay in L2. Writes JSON.
+
+    python bench/gemv.py [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from comfyui_ternary_flux.kernels import triton_ops
+from comfyui_ternary_flux.kernels.triton_linear import linear_forward
+from comfyui_ternary_flux.ternary.packing import pack_2bit
+
+SHAPES = {  # name: (K, N)
+    "qkv": (3072, 9216),
+    "proj": (3072, 3072),
+    "mlp_up": (3072, 12288),
+    "mlp_down": (12288, 3072),
+    "linear1": (3072, 21504),
+    "linear2": (15360, 3072),
+}
+L2_FLUSH_BYTES = 160e6
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.float()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def median_us(fn, inputs: list) -> float:
+    """Median time of one call, cycling through input sets inside one CUDA graph."""
+
+    def all_sets():
+        for args in inputs:
+            fn(*args)
+
+    all_sets()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench_cudagraph(all_sets, rep=50, return_mode="median")
+    return ms * 1e3 / len(inputs)
+
+
+def copies(bytes_per_set: float) -> int:
+    return max(1, min(256, math.ceil(L2_FLUSH_BYTES / bytes_per_set)))
+
+
+def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
+    t = torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8, generator=gen)
+    scale = torch.rand(n, device="cuda", generator=gen) + 0.5
+    packed = pack_2bit(t)
+    dense = (t.float() * scale[:, None]).to(torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
+    ref = (x.float() @ t.float().t()) * scale
+
+    def a16(xx, w):
+        return linear_forward(xx, w, scale, k, None, None, None, 1.0, 16)
+
+    def gemv(xx, w):
+        return triton_ops.ternary_matmul(xx, w, scale, k)
+
+    packs = [packed] + [packed.clone() for _ in range(copies(packed.numel()) - 1)]
+    denses = [dense] + [dense.clone() for _ in range(copies(dense.numel() * 2) - 1)]
+    us = {"cublas_bf16": median_us(F.linear, [(x, d) for d in denses])}
+    errors = {"a16": rel_err(a16(x, packed), ref)}
+    us["a16"] = median_us(a16, [(x, w) for w in packs])
+    table = triton_ops.GEMV_TABLES[family]
+    for config in list(table):
+        triton_ops.GEMV_TABLES[family] = [config]
+        triton_ops._chosen.clear()
+        name = "gemv" + "_".join(str(v) for v in config)
+        try:
+            errors[name] = rel_err(gemv(x, packed), ref)
+            us[name] = median_us(gemv, [(x, w) for w in packs])
+        except Exception as error:  # a config may not fit; report it
+            errors[name] = repr(error)
+        finally:
+            triton_ops.GEMV_TABLES[family] = table
+    triton_ops._chosen.clear()
+    return {"K": k, "N": n, "us": us, "rel_err": errors}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_out = os.path.join(os.environ.get("OUT", "."), "bench-gemv.json")
+    parser.add_argument("--out", default=default_out, help="JSON path (default: %(default)s)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gemv.py needs a CUDA GPU")
+    gpu = torch.cuda.get_device_name()
+    family = triton_ops._family(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    points = {}
+    for name, (k, n) in SHAPES.items():
+        points[name] = bench_shape(k, n, family, gen)
+        p = points[name]
+        base = p["us"]["cublas_bf16"]
+        best = min((v, key) for key, v in p["us"].items() if key.startswith("gemv"))
+        print(
+            f"{name} {k}->{n}: cuBLAS {base:.1f} us, A16 {p['us']['a16']:.1f} us "
+            f"({base / p['us']['a16']:.2f}x), best GEMV {best[1]} {best[0]:.1f} us "
+            f"({base / best[0]:.2f}x) | {p}",
+            flush=True,
+        )
+    result = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "timing": "median of CUDA-graph replays, weights cycled through >= 160 MB",
+        "points": points,
+    }
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
