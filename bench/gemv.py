@@ -13,52 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 
+from comfyui_ternary_flux.bench.kernels import SHAPES, copies, median_us, rel_err
 from comfyui_ternary_flux.kernels import triton_ops
 from comfyui_ternary_flux.kernels.triton_linear import linear_forward
 from comfyui_ternary_flux.ternary.packing import pack_2bit
 
-SHAPES = {  # name: (K, N)
-    "qkv": (3072, 9216),
-    "proj": (3072, 3072),
-    "mlp_up": (3072, 12288),
-    "mlp_down": (12288, 3072),
-    "linear1": (3072, 21504),
-    "linear2": (15360, 3072),
-}
-L2_FLUSH_BYTES = 160e6
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.float()
-    if not torch.isfinite(out).all():
-        return math.inf
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def median_us(fn, inputs: list) -> float:
-    """Median time of one call, cycling through input sets inside one CUDA graph."""
-
-    def all_sets():
-        for args in inputs:
-            fn(*args)
-
-    all_sets()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench_cudagraph(all_sets, rep=50, return_mode="median")
-    return ms * 1e3 / len(inputs)
-
-
-def copies(bytes_per_set: float) -> int:
-    return max(1, min(256, math.ceil(L2_FLUSH_BYTES / bytes_per_set)))
+REP_MS = 50  # one-token calls are short: more replays per median
+MOST_COPIES = 256  # a packed weight is small: up to 256 copies to fill 160 MB
 
 
 def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
@@ -75,11 +43,11 @@ def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
     def gemv(xx, w):
         return triton_ops.ternary_matmul(xx, w, scale, k)
 
-    packs = [packed] + [packed.clone() for _ in range(copies(packed.numel()) - 1)]
-    denses = [dense] + [dense.clone() for _ in range(copies(dense.numel() * 2) - 1)]
-    us = {"cublas_bf16": median_us(F.linear, [(x, d) for d in denses])}
+    packs = [packed] + [packed.clone() for _ in range(copies(packed.numel(), MOST_COPIES) - 1)]
+    denses = [dense] + [dense.clone() for _ in range(copies(dense.numel() * 2, MOST_COPIES) - 1)]
+    us = {"cublas_bf16": median_us(F.linear, [(x, d) for d in denses], REP_MS)}
     errors = {"a16": rel_err(a16(x, packed), ref)}
-    us["a16"] = median_us(a16, [(x, w) for w in packs])
+    us["a16"] = median_us(a16, [(x, w) for w in packs], REP_MS)
     table = triton_ops.GEMV_TABLES[family]
     for config in list(table):
         triton_ops.GEMV_TABLES[family] = [config]
@@ -87,7 +55,7 @@ def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
         name = "gemv" + "_".join(str(v) for v in config)
         try:
             errors[name] = rel_err(gemv(x, packed), ref)
-            us[name] = median_us(gemv, [(x, w) for w in packs])
+            us[name] = median_us(gemv, [(x, w) for w in packs], REP_MS)
         except Exception as error:  # a config may not fit; report it
             errors[name] = repr(error)
         finally:

@@ -53,7 +53,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def median_us(fn, inputs: list) -> float:
+def median_us(fn, inputs: list, rep_ms: int = 40) -> float:
     """Median time of one call, cycling through input sets inside one CUDA graph."""
 
     def all_sets():
@@ -62,12 +62,12 @@ def median_us(fn, inputs: list) -> float:
 
     all_sets()  # compile, autotune, allocate outside the capture
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench_cudagraph(all_sets, rep=40, return_mode="median")
+    ms = triton.testing.do_bench_cudagraph(all_sets, rep=rep_ms, return_mode="median")
     return ms * 1e3 / len(inputs)
 
 
-def copies(bytes_per_set: float) -> int:
-    return max(1, min(64, math.ceil(L2_FLUSH_BYTES / bytes_per_set)))
+def copies(bytes_per_set: float, most: int = 64) -> int:
+    return max(1, min(most, math.ceil(L2_FLUSH_BYTES / bytes_per_set)))
 
 
 def torch_fp8_rowwise(x: torch.Tensor):
