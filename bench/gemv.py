@@ -3,8 +3,11 @@
 For each (K -> N) shape at M = 1, in one run: cuBLAS bf16 ``F.linear``, the ternary A16
 forward as dispatched (``linear_forward``: GEMV kernel, configuration autotuned) and the GEMV
 kernel with each configuration of the GPU's table forced. Each is checked against a float32
-reference first. Times are medians of CUDA-graph replays; every op cycles through enough
-copies of its weight (>= 160 MB) that it does not stay in L2. Writes JSON.
+reference first. Two floors put the times in proportion: ``launch_floor``, an empty kernel,
+and ``read_floor``, a kernel that only streams the packed weight once (no unpacking, no
+math): no GEMV over that weight can beat it. Times are medians of CUDA-graph replays; every
+op cycles through enough copies of its weight (>= 160 MB) that it does not stay in L2.
+Writes JSON.
 
     python bench/gemv.py [--out PATH]
 """
@@ -19,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from comfyui_ternary_flux.bench.kernels import SHAPES, copies, median_us, rel_err
 from comfyui_ternary_flux.kernels import triton_ops
@@ -27,6 +31,38 @@ from comfyui_ternary_flux.ternary.packing import pack_2bit
 
 REP_MS = 50  # one-token calls are short: more replays per median
 MOST_COPIES = 256  # a packed weight is small: up to 256 copies to fill 160 MB
+
+
+READ_BLOCK = 4096  # int32 words (16 KB) per program of the read floor
+
+
+@triton.jit
+def _empty_kernel(out_ptr):
+    pass
+
+
+@triton.jit
+def _read_kernel(words_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
+    """XOR of BLOCK words per program: every byte is loaded, almost nothing is computed."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(words_ptr + offs, mask=offs < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.reduce(v, 0, _xor))
+
+
+@triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+def read_floor(packed: torch.Tensor, sink: torch.Tensor) -> None:
+    words = packed.view(torch.int32).reshape(-1)
+    _read_kernel[(triton.cdiv(words.numel(), READ_BLOCK),)](
+        words, sink, words.numel(), BLOCK=READ_BLOCK, num_warps=8
+    )
+
+
+def launch_floor(sink: torch.Tensor) -> None:
+    _empty_kernel[(1,)](sink)
 
 
 def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
@@ -46,6 +82,10 @@ def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
     packs = [packed] + [packed.clone() for _ in range(copies(packed.numel(), MOST_COPIES) - 1)]
     denses = [dense] + [dense.clone() for _ in range(copies(dense.numel() * 2, MOST_COPIES) - 1)]
     us = {"cublas_bf16": median_us(F.linear, [(x, d) for d in denses], REP_MS)}
+    sink = torch.empty(triton.cdiv(packed.numel() // 4, READ_BLOCK), dtype=torch.int32,
+                       device="cuda")  # fmt: skip
+    us["read_floor"] = median_us(read_floor, [(w, sink) for w in packs], REP_MS)
+    us["launch_floor"] = median_us(launch_floor, [(sink,)], REP_MS)
     errors = {"a16": rel_err(a16(x, packed), ref)}
     us["a16"] = median_us(a16, [(x, w) for w in packs], REP_MS)
     table = triton_ops.GEMV_TABLES[family]
@@ -83,7 +123,8 @@ def main() -> int:
         print(
             f"{name} {k}->{n}: cuBLAS {base:.1f} us, A16 {p['us']['a16']:.1f} us "
             f"({base / p['us']['a16']:.2f}x), best GEMV {best[1]} {best[0]:.1f} us "
-            f"({base / best[0]:.2f}x) | {p}",
+            f"({base / best[0]:.2f}x), read floor {p['us']['read_floor']:.1f} us, "
+            f"4x needs {base / 4:.1f} us | {p}",
             flush=True,
         )
     result = {

@@ -59,6 +59,10 @@ def _choose(key: tuple, candidates: list, launch: Callable[[Any], None]) -> Any:
         if len(candidates) == 1:
             _chosen[key] = candidates[0]
         else:
+            # The candidates run on triton's own side stream and write the caller's output,
+            # whose memory the caching allocator may just have taken from a tensor that work
+            # still queued on the current stream reads or writes: let that work finish first.
+            torch.cuda.synchronize()
             times = {}
             for config in candidates:
                 try:

@@ -104,10 +104,17 @@ MATMUL_TABLES["ampere"]["a8"] = MATMUL_TABLES["ampere"]["a16"]
 _GV = GemvConfig
 
 # block_n 64 runs wgmma on Hopper (one warpgroup), mma.sync below and on Ampere / Ada. The
-# GEMV is latency bound on the H100: split-K wins at N = 3072; 16-32 row mma.sync tiles and
-# deeper pipelines were measured and never won.
+# GEMV is latency bound on the H100: split-K wins at N = 3072 (8 slices at K >= 12288, 4 at
+# K = 3072), 2-3 at N = 9216-12288, none at N = 21504; 12-16 slices, 16-32 row mma.sync
+# tiles, 128-row tiles, 128-byte steps and deeper pipelines were measured and never won.
 GEMV_TABLES: dict[str, list[GemvConfig]] = {
-    "hopper": [_GV(64, 64, 1, 4), _GV(64, 64, 2, 4), _GV(64, 64, 3, 4), _GV(64, 128, 4, 4)],
+    "hopper": [
+        _GV(64, 64, 1, 4),
+        _GV(64, 64, 2, 4),
+        _GV(64, 64, 3, 4),
+        _GV(64, 64, 4, 4),
+        _GV(64, 64, 8, 4),
+    ],
     "ada": [_GV(32, 64, 1, 2), _GV(64, 64, 3, 4)],
     "ampere": [_GV(32, 64, 1, 2), _GV(64, 64, 3, 4)],
 }

@@ -120,6 +120,9 @@ def test_forward_matches_float64(m, k, n, dtype, has_bias, rank, act_bits):
 def test_matmul_writes_every_output(fresh_configs, config, dtype):
     if triton_ops.interpreting():
         fresh_configs.setattr(triton_ops, "INTERPRETER_MATMUL", config)
+    else:
+        family = triton_ops._family(torch.device(DEVICE))
+        fresh_configs.setitem(triton_ops.MATMUL_TABLES[family]["a16"], "m64", [config])
     gen = torch.Generator().manual_seed(3)
     m, k, n = 18, 650, 37
     t, weight, scale = ternary_layer(n, k, gen)
@@ -328,3 +331,22 @@ def test_bad_inputs_have_clear_errors():
         ternary_linear_triton(x, weight, scale, 130, act_bits=4)
     with pytest.raises(TypeError, match="float64"):
         ternary_linear_triton(x.double(), weight, scale, 130)
+
+
+def test_autotuning_waits_for_queued_work_before_timing_on_its_own_stream(monkeypatch):
+    """Candidates are timed on triton's side stream and write the caller's output, whose
+    memory may still be in use by work queued on the caller's stream: sync first."""
+    events = []
+    monkeypatch.setattr(triton_ops, "_chosen", {})
+    monkeypatch.setattr(triton_ops.torch.cuda, "synchronize", lambda *a: events.append("sync"))
+
+    def timed(fn, **kwargs):
+        events.append("time")
+        fn()
+        return float(len(events))  # later candidates look slower: the first one wins
+
+    monkeypatch.setattr(triton_ops.triton.testing, "do_bench_cudagraph", timed)
+    launched = []
+    chosen = triton_ops._choose(("key",), ["a", "b"], launched.append)
+    assert chosen == "a" and launched == ["a", "b"]
+    assert events[0] == "sync" and events.count("time") == 2
