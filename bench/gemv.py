@@ -42,6 +42,11 @@ def _empty_kernel(out_ptr):
 
 
 @triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+@triton.jit
 def _read_kernel(words_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
     """XOR of BLOCK words per program: every byte is loaded, almost nothing is computed."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -49,14 +54,14 @@ def _read_kernel(words_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.reduce(v, 0, _xor))
 
 
-@triton.jit
-def _xor(a, b):
-    return a ^ b
+def read_programs(packed: torch.Tensor) -> int:
+    """Programs of the read floor over ``packed`` (one result word each in the sink)."""
+    return triton.cdiv(packed.numel() // 4, READ_BLOCK)
 
 
 def read_floor(packed: torch.Tensor, sink: torch.Tensor) -> None:
     words = packed.view(torch.int32).reshape(-1)
-    _read_kernel[(triton.cdiv(words.numel(), READ_BLOCK),)](
+    _read_kernel[(read_programs(packed),)](
         words, sink, words.numel(), BLOCK=READ_BLOCK, num_warps=8
     )
 
@@ -82,8 +87,7 @@ def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
     packs = [packed] + [packed.clone() for _ in range(copies(packed.numel(), MOST_COPIES) - 1)]
     denses = [dense] + [dense.clone() for _ in range(copies(dense.numel() * 2, MOST_COPIES) - 1)]
     us = {"cublas_bf16": median_us(F.linear, [(x, d) for d in denses], REP_MS)}
-    sink = torch.empty(triton.cdiv(packed.numel() // 4, READ_BLOCK), dtype=torch.int32,
-                       device="cuda")  # fmt: skip
+    sink = torch.empty(read_programs(packed), dtype=torch.int32, device="cuda")
     us["read_floor"] = median_us(read_floor, [(w, sink) for w in packs], REP_MS)
     us["launch_floor"] = median_us(launch_floor, [(sink,)], REP_MS)
     errors = {"a16": rel_err(a16(x, packed), ref)}

@@ -16,7 +16,7 @@ from comfyui_ternary_flux.kernels.reference import (
     ternary_linear_reference,
 )
 from comfyui_ternary_flux.kernels.triton_linear import input_grad, ternary_linear_triton
-from comfyui_ternary_flux.kernels.tuning import DxConfig, GemvConfig, MatmulConfig
+from comfyui_ternary_flux.kernels.tuning import DxConfig, GemvConfig, MatmulConfig, m_bucket
 from comfyui_ternary_flux.ternary.packing import pack_2bit
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,13 +118,13 @@ def test_forward_matches_float64(m, k, n, dtype, has_bias, rank, act_bits):
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matmul_writes_every_output(fresh_configs, config, dtype):
+    m, k, n = 18, 650, 37
     if triton_ops.interpreting():
         fresh_configs.setattr(triton_ops, "INTERPRETER_MATMUL", config)
     else:
         family = triton_ops._family(torch.device(DEVICE))
-        fresh_configs.setitem(triton_ops.MATMUL_TABLES[family]["a16"], "m64", [config])
+        fresh_configs.setitem(triton_ops.MATMUL_TABLES[family]["a16"], m_bucket(m), [config])
     gen = torch.Generator().manual_seed(3)
-    m, k, n = 18, 650, 37
     t, weight, scale = ternary_layer(n, k, gen)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
