@@ -2,7 +2,9 @@
 
 Weights are random (drawn from a seed; nothing is downloaded). For each variant (bf16,
 ternary A16, ternary A8 = TernaryLinear.act_bits 8, ternary A16 + LoRA) it runs an N-step
-Euler flow-matching loop and reports the median seconds per step, the CUDA allocator's peak
+Euler flow-matching loop and reports the median seconds per step (and the GPU time of one
+model call with the CPU kept ahead, which separates kernel time from the host's launch
+overhead), the CUDA allocator's peak
 while sampling (the diffusion model's peak VRAM: weights, activations, scratch), the weight
 bytes, and the relative error against bf16 of the first velocity and of the final latent;
 for ternary variants on the kernels also the error of the first velocity against the torch
@@ -30,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -214,6 +217,29 @@ class EulerSampler:
         return self.x
 
 
+def gpu_busy_seconds(call, device: torch.device, repeats: int = 3) -> float | None:
+    """GPU time of one model call when the CPU keeps ahead of the GPU.
+
+    A ~1 s spin kernel is queued first, so the CPU enqueues the call while the GPU is still
+    busy; the events around the call then time the GPU alone. Wall time above this figure is
+    the host's launch overhead (Python, kernel launches) starving the GPU. The call must not
+    synchronise before its end (ComfyUI's Flux forward does not).
+    """
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(2_000_000_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def measure_variant(
     name, model, inputs, bench, device, reference
 ) -> tuple[ReportRow, dict, dict[str, torch.Tensor]]:
@@ -230,6 +256,7 @@ def measure_variant(
             lambda: velocity(model, inputs.noise, 1.0, inputs), device, bench.warmup, 1
         )
         sampling = measure_step(EulerSampler(model, inputs, bench.steps), device, 0, bench.steps)
+        gpu_busy = gpu_busy_seconds(lambda: velocity(model, inputs.noise, 1.0, inputs), device)
     row = ReportRow.from_measurement(
         name, model, sampling, None if reference is None else reference["latent"]
     )
@@ -237,12 +264,14 @@ def measure_variant(
         "resident_bytes_before": resident,
         "step_seconds": list(sampling.step_seconds),
         "sampling_seconds": sum(sampling.step_seconds),
+        "gpu_busy_seconds_per_step": gpu_busy,
         "velocity_error": None
         if reference is None
         else relative_error(first.output, reference["velocity"]),
     }
+    busy = "" if gpu_busy is None else f" ({gpu_busy * 1e3:.1f} ms of GPU time)"
     print(
-        f"  {name}: {row.seconds_per_step * 1e3:.1f} ms/step, peak "
+        f"  {name}: {row.seconds_per_step * 1e3:.1f} ms/step{busy}, peak "
         f"{format_bytes(row.peak_vram_bytes)}, weights {format_bytes(row.weight_bytes)}",
         flush=True,
     )

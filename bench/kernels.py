@@ -1,7 +1,8 @@
 """Benchmark the ternary Triton kernels against cuBLAS at FLUX.1 linear shapes (CUDA only).
 
 For each (K -> N) shape and token count M, in one run: cuBLAS bf16 ``F.linear``, cuBLAS fp8
-rowwise ``torch._scaled_mm`` (activation quantization by torch ops included, and without),
+rowwise ``torch._scaled_mm`` (activation quantization by torch ops included, and without; fast
+accumulation, as the A8 path runs it),
 the ternary A16 forward as dispatched (fused kernels at small M, dense scratch + cuBLAS at
 large M) and the fused kernels alone, A16 + LoRA rank 64, A8 (activation quantization
 included) both ways, the input-gradient kernel dX beside cuBLAS ``dy @ W``. Each kernel is
@@ -112,9 +113,13 @@ def bench_point(k: int, n: int, m: int, gen: torch.Generator) -> dict:
     def dx_fused(g, w):
         return triton_ops.ternary_dx(g, w, scale, k)
 
+    def fp8_gemm_only(q, s, w):
+        return torch._scaled_mm(
+            q, w, scale_a=s, scale_b=scale[None, :], out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+
     def cublas_fp8(xx, w):
-        q, s = torch_fp8_rowwise(xx)
-        return torch._scaled_mm(q, w, scale_a=s, scale_b=scale[None, :], out_dtype=torch.bfloat16)
+        return fp8_gemm_only(*torch_fp8_rowwise(xx), w)
 
     q_ref, s_ref = quantize_activations(x)
     ref16 = (x.float() @ tf.t()) * scale
@@ -141,9 +146,6 @@ def bench_point(k: int, n: int, m: int, gen: torch.Generator) -> dict:
     packs = [packed] + [packed.clone() for _ in range(ternary_sets - 1)]
     denses = [dense] + [dense.clone() for _ in range(dense_sets - 1)]
     w8s = [w8_t] + [w8_t.t().clone().t() for _ in range(fp8_sets - 1)]
-
-    def fp8_gemm_only(q, s, w):
-        return torch._scaled_mm(q, w, scale_a=s, scale_b=scale[None, :], out_dtype=torch.bfloat16)
 
     q_s = [torch_fp8_rowwise(xx) for xx in xs[:fp8_sets]]
     times = {

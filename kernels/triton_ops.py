@@ -12,6 +12,7 @@ Under ``TRITON_INTERPRET=1`` these functions run on CPU tensors (the tests use t
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -47,10 +48,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Asked once per device: the query costs microseconds, and every launch needs it."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _family(device: torch.device) -> str:
     if interpreting():
         return "interpreter"
-    return gpu_family(torch.cuda.get_device_capability(device))
+    return gpu_family(_capability(device))
 
 
 def _choose(key: tuple, candidates: list, launch: Callable[[Any], None]) -> Any:
@@ -102,7 +109,7 @@ def _dx_candidates(device: torch.device, m: int) -> tuple[str, list]:
 
 def fp8_tensor_cores(device: torch.device) -> bool:
     """fp8 e4m3 dots: sm_89+ (and the interpreter)."""
-    return interpreting() or torch.cuda.get_device_capability(device) >= (8, 9)
+    return interpreting() or _capability(device) >= (8, 9)
 
 
 def check_packed(weight: torch.Tensor, in_features: int, x: torch.Tensor | None = None) -> int:
