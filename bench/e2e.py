@@ -223,7 +223,8 @@ def gpu_busy_seconds(call, device: torch.device, repeats: int = 3) -> float | No
     A ~1 s spin kernel is queued first, so the CPU enqueues the call while the GPU is still
     busy; the events around the call then time the GPU alone. Wall time above this figure is
     the host's launch overhead (Python, kernel launches) starving the GPU. The call must not
-    synchronise before its end (ComfyUI's Flux forward does not).
+    synchronise before its end (ComfyUI's Flux forward does not); the CPU's lead is also
+    capped by the driver's launch queue, so on a very slow host this is an upper bound.
     """
     if device.type != "cuda":
         return None
