@@ -218,26 +218,30 @@ class EulerSampler:
 
 
 def gpu_busy_seconds(call, device: torch.device, repeats: int = 3) -> float | None:
-    """GPU time of one model call when the CPU keeps ahead of the GPU.
+    """GPU time of one model call (one sampling step of FLUX.1-dev) with the CPU kept ahead.
 
     A ~1 s spin kernel is queued first, so the CPU enqueues the call while the GPU is still
     busy; the events around the call then time the GPU alone. Wall time above this figure is
     the host's launch overhead (Python, kernel launches) starving the GPU. The call must not
-    synchronise before its end (ComfyUI's Flux forward does not); the CPU's lead is also
-    capped by the driver's launch queue, so on a very slow host this is an upper bound.
+    synchronise before its end (ComfyUI's Flux forward does not). The driver queues only
+    about a thousand launches and a FLUX.1-dev call makes two to three thousand, so the CPU
+    launches the rest while the GPU runs: where the CPU is slower than the GPU this is an
+    upper bound (bench/results/kernels-h100.md compares it with a profile's kernel time).
     """
     if device.type != "cuda":
         return None
     times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize(device)
-        torch.cuda._sleep(2_000_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end) / 1e3)
+    with torch.cuda.device(device):
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(2_000_000_000)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
 
 

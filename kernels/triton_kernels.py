@@ -139,7 +139,8 @@ def _ternary_tile(
             xt = tl.load(x_ptrs + k0, mask=k_ok[:, None], other=0.0)
         w = _unpack(p, shift[None, :], xt.dtype)
         if xt.dtype == tl.float8e4nv:
-            # Hopper's fp8 accumulation is imprecise: promote to fp32 after every step.
+            # fp8 tensor cores accumulate with reduced precision: promote to fp32 after every
+            # step (the large-M path's cuBLAS GEMM uses the fast mode; see triton_linear.py).
             acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(w, xt, acc)

@@ -63,9 +63,9 @@ def _dense_scratch_forward(
     """cuBLAS on a transient dense weight. A16: one bf16/fp16 GEMM on s T (+ LoRA merged in,
     rounded once). A8: fp8 T (exact) and rowwise scales in the fp8 GEMM's epilogue.
 
-    The fp8 GEMM accumulates in Hopper's fast (reduced-precision) mode: 1.1-1.3x faster than
-    promoting to fp32, and at K = 15360 its error (1.2e-3 relative on an H100) is 20x below
-    the fp8 rounding of the activations that A8 already accepts (2.6e-2)."""
+    The fp8 GEMM accumulates in the tensor cores' fast (reduced-precision) mode: 1.1-1.3x
+    faster than promoting to fp32, and at K = 15360 its error (1.2e-3 relative on an H100) is
+    20x below the fp8 rounding of the activations that A8 already accepts (2.6e-2)."""
     dtype = x.dtype
     bias = bias.to(dtype) if bias is not None else None
     if act_bits == 16:

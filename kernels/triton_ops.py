@@ -48,10 +48,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
-    """Asked once per device: the query costs microseconds, and every launch needs it."""
-    return torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    """Asked once per GPU: the query costs microseconds, and every launch needs it."""
+    return torch.cuda.get_device_capability(index)
 
 
 def _family(device: torch.device) -> str:

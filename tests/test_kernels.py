@@ -211,8 +211,9 @@ def test_dense_scratch_path_matches_float64(dense_from_one_token, m, k, n, dtype
     reason="SKIPPED: the fp8 cuBLAS path needs a GPU with fp8 tensor cores (sm_89+)",
 )
 def test_fp8_fast_accumulation_is_far_below_fp8_rounding(dense_from_one_token):
-    """The A8 dense path accumulates in Hopper's fast mode; at FLUX's longest K its error
-    must stay small against the activation rounding that A8 introduces anyway."""
+    """The A8 dense path accumulates in the fp8 tensor cores' fast mode; at FLUX's longest K
+    its error on its own fp8 codes (accumulation plus bf16 output rounding) must stay small
+    against the activation rounding that A8 introduces anyway."""
     gen = torch.Generator().manual_seed(15)
     m, k, n = 64, 15360, 256
     t, weight, scale = ternary_layer(n, k, gen)
