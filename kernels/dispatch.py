@@ -31,10 +31,21 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, asked of the driver once per GPU: the query costs
+    microseconds, and every ternary linear needs it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)
+
+
 @functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _triton_device(device: torch.device) -> bool:
-    """NVIDIA GPUs of compute capability 8.0+ (asked once per device)."""
-    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+    """NVIDIA GPUs of compute capability 8.0+."""
+    return torch.version.hip is None and device_capability(device) >= (8, 0)
 
 
 def backend_for(x: torch.Tensor) -> str:

@@ -12,7 +12,6 @@ Under ``TRITON_INTERPRET=1`` these functions run on CPU tensors (the tests use t
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from . import triton_kernels as tk
+from .dispatch import device_capability
 from .tuning import (
     DENSE_MIN_TOKENS,
     DX_TABLES,
@@ -48,21 +48,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability_of(index)
-
-
-@functools.cache
-def _capability_of(index: int) -> tuple[int, int]:
-    """Asked once per GPU: the query costs microseconds, and every launch needs it."""
-    return torch.cuda.get_device_capability(index)
-
-
 def _family(device: torch.device) -> str:
     if interpreting():
         return "interpreter"
-    return gpu_family(_capability(device))
+    return gpu_family(device_capability(device))
 
 
 def _choose(key: tuple, candidates: list, launch: Callable[[Any], None]) -> Any:
@@ -114,7 +103,7 @@ def _dx_candidates(device: torch.device, m: int) -> tuple[str, list]:
 
 def fp8_tensor_cores(device: torch.device) -> bool:
     """fp8 e4m3 dots: sm_89+ (and the interpreter)."""
-    return interpreting() or _capability(device) >= (8, 9)
+    return interpreting() or device_capability(device) >= (8, 9)
 
 
 def check_packed(weight: torch.Tensor, in_features: int, x: torch.Tensor | None = None) -> int:
