@@ -3,7 +3,8 @@
 Where ComfyUI is looked for, in order: ``$TERNARY_FLUX_COMFYUI``; ``<repo>/.comfyui/ComfyUI``
 (README, Development, says how); the natural layout, this repository inside
 ``ComfyUI/custom_nodes/``. Without one, the tests that need it are skipped with the reason
-and a warning that pytest prints in its summary.
+and a warning that pytest prints in its summary; with ``TERNARY_FLUX_REQUIRE_COMFYUI=1`` (CI,
+where ComfyUI is set up) they fail instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_VAR = "TERNARY_FLUX_COMFYUI"
+REQUIRE_VAR = "TERNARY_FLUX_REQUIRE_COMFYUI"
 SKIP_REASON = (
     f"ComfyUI not found: set {ENV_VAR}=/path/to/ComfyUI, or export it to "
     f"{REPO / '.comfyui' / 'ComfyUI'} (see README, Development); the ComfyUI node tests did NOT run"
@@ -41,6 +43,8 @@ def locate_comfyui() -> Path | None:
 def require_comfyui() -> Path:
     """The ComfyUI directory; skips the calling test (loudly) when there is none."""
     root = locate_comfyui()
+    if root is None and os.environ.get(REQUIRE_VAR) == "1":
+        pytest.fail(f"{REQUIRE_VAR}=1 but {SKIP_REASON}", pytrace=False)
     if root is None:
         warnings.warn(SKIP_REASON, ComfyUIMissingWarning, stacklevel=2)
         pytest.skip(SKIP_REASON, allow_module_level=True)

@@ -1,7 +1,6 @@
 """ternary/report.py: numbers on tiny models equal hand-computed ones; tables and charts."""
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from comfyui_harness import require_comfyui
 from torch import nn
 
 from comfyui_ternary_flux.ternary.modules import TernaryLinear
@@ -131,24 +131,12 @@ def test_render_chart_size_and_content():
         render_chart(ROWS, width=100, height=100)
 
 
-def _comfyui_source() -> Path | None:
-    candidates = (
-        os.environ.get("COMFYUI_PATH"),
-        ROOT / ".comfyui" / "ComfyUI",
-        ROOT / ".carry" / "comfy",
-    )
-    for path in candidates:
-        if path and (Path(path) / "comfy" / "ldm" / "flux" / "model.py").is_file():
-            return Path(path)
-    return None
-
-
-@pytest.mark.skipif(_comfyui_source() is None, reason="no local ComfyUI source (see bench/e2e.py)")
 def test_e2e_benchmark_runs_tiny_on_cpu(tmp_path):
+    comfyui = require_comfyui()
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--config", "tiny", "--device", "cpu"]
     cmd += ["--steps", "1", "--warmup", "0", "--json", str(out), "--file-dir", str(tmp_path)]
-    cmd += ["--comfyui", str(_comfyui_source())]
+    cmd += ["--comfyui", str(comfyui)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
