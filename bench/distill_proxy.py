@@ -35,25 +35,24 @@ from comfyui_ternary_flux.bench.proxy_metrics import (
     sample_quality,
     train_classifier,
 )
-from comfyui_ternary_flux.ternary.distill_config import DistillConfig
-from comfyui_ternary_flux.ternary.flux import FluxConfig
-from comfyui_ternary_flux.ternary.flux_model import PATCH, FluxTransformer
-from comfyui_ternary_flux.ternary.schedule import (
+from comfyui_ternary_flux.distill.config import DistillConfig
+from comfyui_ternary_flux.distill.schedule import (
     derived_seed,
     resolution_shift,
     sampling_sigmas,
     shift_time,
 )
-from comfyui_ternary_flux.ternary.student import load_student
-from comfyui_ternary_flux.ternary.teacher import (
-    LATENT_CHANNELS,
+from comfyui_ternary_flux.distill.student import load_student
+from comfyui_ternary_flux.distill.teacher import (
     TeacherDataset,
     TeacherSettings,
     build_teacher_dataset,
     euler_sample,
     model_velocity_fn,
 )
-from comfyui_ternary_flux.ternary.train import distill
+from comfyui_ternary_flux.distill.train import distill
+from comfyui_ternary_flux.models.flux1 import FluxConfig
+from comfyui_ternary_flux.models.flux1_torch import PATCH, FluxTransformer
 
 FOLD = 4  # pixel unshuffle: 16 latent channels, as FLUX's VAE
 TEXT_TOKENS = 2
@@ -61,6 +60,9 @@ CONTEXT_DIM = 64
 POOLED_DIM = 32
 HEAD_DIM = 128  # FLUX.1's RoPE split fixes the head size
 ROWS = ("teacher", "plain ternary", "distilled ternary + LoRA")
+
+
+LATENT_CHANNELS = 16  # FLUX.1's latent space
 
 
 @dataclass(frozen=True)

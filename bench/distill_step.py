@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comfyui_ternary_flux.kernels.dispatch import backend_for
-from comfyui_ternary_flux.ternary.flux import FLUX_DEV, TINY_FLUX, is_block_linear
-from comfyui_ternary_flux.ternary.flux_model import FluxTransformer
-from comfyui_ternary_flux.ternary.modules import TernaryLinear
-from comfyui_ternary_flux.ternary.packing import pack_2bit
-from comfyui_ternary_flux.ternary.student import prepare_for_training
+from comfyui_ternary_flux.distill.student import prepare_for_training
+from comfyui_ternary_flux.kernels.layout import pack_2bit
+from comfyui_ternary_flux.kernels.plan import backend
+from comfyui_ternary_flux.models.flux1 import FLUX_DEV, TINY_FLUX, is_block_linear
+from comfyui_ternary_flux.models.flux1_torch import FluxTransformer
+from comfyui_ternary_flux.ternary.module import TernaryLinear
 
 PRESETS = {"dev": FLUX_DEV, "tiny": TINY_FLUX}
 
@@ -112,7 +112,7 @@ def measure(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
-        "backend": backend_for(batch["x"]),
+        "backend": backend(batch["x"].device, torch.bfloat16),
         "resolution": args.resolution,
         "image_tokens": (h // 2) * (w // 2),
         "text_tokens": args.txt_len,

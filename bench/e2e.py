@@ -51,19 +51,17 @@ if "comfyui_ternary_flux" not in sys.modules:
     sys.modules["comfyui_ternary_flux"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["comfyui_ternary_flux"])
 
-from comfyui_ternary_flux.kernels.dispatch import backend_for  # noqa: E402
-from comfyui_ternary_flux.ternary.fileformat import save_ternary_file  # noqa: E402
-from comfyui_ternary_flux.ternary.flux import (  # noqa: E402
+from comfyui_ternary_flux.kernels.plan import backend  # noqa: E402
+from comfyui_ternary_flux.models.flux1 import (  # noqa: E402
     FLUX_DEV,
     TINY_FLUX,
     FluxConfig,
     is_block_linear,
     random_flux_state_dict,
 )
-from comfyui_ternary_flux.ternary.flux_model import quantize_model  # noqa: E402
-from comfyui_ternary_flux.ternary.modules import TernaryLinear  # noqa: E402
-from comfyui_ternary_flux.ternary.packing import pack, unpack_2bit  # noqa: E402
-from comfyui_ternary_flux.ternary.report import (  # noqa: E402
+from comfyui_ternary_flux.models.flux1_torch import quantize_model  # noqa: E402
+from comfyui_ternary_flux.ternary.fileformat import save_ternary_file  # noqa: E402
+from comfyui_ternary_flux.ternary.measure import (  # noqa: E402
     ReportRow,
     format_bytes,
     format_report,
@@ -71,6 +69,8 @@ from comfyui_ternary_flux.ternary.report import (  # noqa: E402
     relative_error,
     weight_bytes,
 )
+from comfyui_ternary_flux.ternary.module import TernaryLinear  # noqa: E402
+from comfyui_ternary_flux.ternary.packing import pack, unpack_2bit  # noqa: E402
 
 VARIANTS = ("bf16", "a16", "a8", "lora")
 LATENT_CHANNELS = 16
@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> dict:
             reference = outputs
             detail["backend"] = "dense"
         else:
-            detail["backend"] = backend_for(inputs.context)
+            detail["backend"] = backend(inputs.context.device, inputs.context.dtype)
             detail["kernel_vs_reference_path_error"] = (
                 None
                 if detail["backend"] == "reference"

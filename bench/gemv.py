@@ -1,7 +1,7 @@
 """Benchmark the one-token ternary GEMV against cuBLAS bf16 at the FLUX.1 linear shapes (CUDA).
 
 For each (K -> N) shape at M = 1, in one run: cuBLAS bf16 ``F.linear``, the ternary A16
-forward as dispatched (``linear_forward``: GEMV kernel, configuration autotuned) and the GEMV
+forward as the op runs it (GEMV kernel, configuration autotuned) and the GEMV
 kernel with each configuration of the GPU's table forced. Each is checked against a float32
 reference first. Two floors put the times in proportion: ``launch_floor``, an empty kernel,
 and ``read_floor``, a kernel that only streams the packed weight once (no unpacking, no
@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 
 from comfyui_ternary_flux.bench.kernels import SHAPES, copies, median_us, rel_err
-from comfyui_ternary_flux.kernels import triton_ops
-from comfyui_ternary_flux.kernels.triton_linear import linear_forward
-from comfyui_ternary_flux.ternary.packing import pack_2bit
+from comfyui_ternary_flux.kernels import plan, triton_launch, tuning
+from comfyui_ternary_flux.kernels.layout import pack_2bit
+from comfyui_ternary_flux.kernels.op import ternary_linear
+from comfyui_ternary_flux.kernels.weight import TernaryWeight
 
 REP_MS = 50  # one-token calls are short: more replays per median
 MOST_COPIES = 256  # a packed weight is small: up to 256 copies to fill 160 MB
@@ -79,10 +80,10 @@ def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
     ref = (x.float() @ t.float().t()) * scale
 
     def a16(xx, w):
-        return linear_forward(xx, w, scale, k, None, None, None, 1.0, 16)
+        return ternary_linear(xx, TernaryWeight(w, scale, k))
 
-    def gemv(xx, w):
-        return triton_ops.ternary_matmul(xx, w, scale, k)
+    def gemv(xx, w, config):
+        return triton_launch.ternary_matmul(xx, TernaryWeight(w, scale, k), (config,), family)
 
     packs = [packed] + [packed.clone() for _ in range(copies(packed.numel(), MOST_COPIES) - 1)]
     denses = [dense] + [dense.clone() for _ in range(copies(dense.numel() * 2, MOST_COPIES) - 1)]
@@ -92,19 +93,15 @@ def bench_shape(k: int, n: int, family: str, gen: torch.Generator) -> dict:
     us["launch_floor"] = median_us(launch_floor, [(sink,)], REP_MS)
     errors = {"a16": rel_err(a16(x, packed), ref)}
     us["a16"] = median_us(a16, [(x, w) for w in packs], REP_MS)
-    table = triton_ops.GEMV_TABLES[family]
-    for config in list(table):
-        triton_ops.GEMV_TABLES[family] = [config]
-        triton_ops._chosen.clear()
+    for config in tuning.GEMV_TABLES[family]:
+        triton_launch._chosen.clear()
         name = "gemv" + "_".join(str(v) for v in config)
         try:
-            errors[name] = rel_err(gemv(x, packed), ref)
-            us[name] = median_us(gemv, [(x, w) for w in packs], REP_MS)
+            errors[name] = rel_err(gemv(x, packed, config), ref)
+            us[name] = median_us(gemv, [(x, w, config) for w in packs], REP_MS)
         except Exception as error:  # a config may not fit; report it
             errors[name] = repr(error)
-        finally:
-            triton_ops.GEMV_TABLES[family] = table
-    triton_ops._chosen.clear()
+    triton_launch._chosen.clear()
     return {"K": k, "N": n, "us": us, "rel_err": errors}
 
 
@@ -116,7 +113,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("bench/gemv.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
-    family = triton_ops._family(torch.device("cuda"))
+    family = plan.family_of(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     points = {}
     for name, (k, n) in SHAPES.items():

@@ -28,10 +28,13 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from comfyui_ternary_flux.kernels import triton_ops
+from comfyui_ternary_flux.kernels import plan, triton_launch, tuning
+from comfyui_ternary_flux.kernels.layout import pack_2bit
+from comfyui_ternary_flux.kernels.op import ternary_linear
 from comfyui_ternary_flux.kernels.reference import quantize_activations
-from comfyui_ternary_flux.kernels.triton_linear import fused_forward, input_grad, linear_forward
-from comfyui_ternary_flux.ternary.packing import pack_2bit
+from comfyui_ternary_flux.kernels.triton_linear import forward, input_grad
+from comfyui_ternary_flux.kernels.tuning import m_bucket
+from comfyui_ternary_flux.kernels.weight import LoraBranch, TernaryWeight
 
 SHAPES = {  # name: (K, N)
     "qkv": (3072, 9216),
@@ -89,29 +92,40 @@ def bench_point(k: int, n: int, m: int, gen: torch.Generator) -> dict:
     up = (torch.randn(n, LORA_RANK, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
     tf = t.float()
 
+    device = torch.device(dev)
+    family = plan.family_of(device)
+    fused16 = plan.Plan("fused", family, tuple(tuning.MATMUL_TABLES[family]["a16"][m_bucket(m)]))
+    fused8 = plan.Plan("fused", family, tuple(tuning.MATMUL_TABLES[family]["a8"][m_bucket(m)]))
+    dx_plan = plan.plan_input_grad(m, n, k, torch.bfloat16, device)
+    dx_fused_configs = tuple(tuning.DX_TABLES[family][m_bucket(m)])
+    lora = LoraBranch(down, up, 1.0)
+
+    def weight(w):
+        return TernaryWeight(w, scale, k)
+
     def a16(xx, w):
-        return linear_forward(xx, w, scale, k, None, None, None, 1.0, 16)
+        return ternary_linear(xx, weight(w))
 
     def a16_lora(xx, w):
-        return linear_forward(xx, w, scale, k, None, down, up, 1.0, 16)
+        return ternary_linear(xx, weight(w), lora=lora)
 
     def a8(xx, w):
-        return linear_forward(xx, w, scale, k, None, None, None, 1.0, 8)
+        return ternary_linear(xx, weight(w), act_bits=8)
 
     def a16_fused(xx, w):
-        return fused_forward(xx, w, scale, k, None, None, None, 1.0, 16)
+        return forward(xx, weight(w), None, None, 16, fused16)
 
     def a8_fused(xx, w):
-        return fused_forward(xx, w, scale, k, None, None, None, 1.0, 8)
+        return forward(xx, weight(w), None, None, 8, fused8)
 
     def unpack(w):
-        return triton_ops.unpack_dense(w, k, torch.bfloat16, scale)
+        return triton_launch.unpack_dense(weight(w), torch.bfloat16)
 
     def dx(g, w):
-        return input_grad(g, w, scale, k)
+        return input_grad(g, weight(w), dx_plan)
 
     def dx_fused(g, w):
-        return triton_ops.ternary_dx(g, w, scale, k)
+        return triton_launch.ternary_dx(g, weight(w), dx_fused_configs, family)
 
     def fp8_gemm_only(q, s, w):
         return torch._scaled_mm(
@@ -160,7 +174,9 @@ def bench_point(k: int, n: int, m: int, gen: torch.Generator) -> dict:
         "a16_fused": median_us(a16_fused, list(zip(xs, packs, strict=False))),
         "a8_fused": median_us(a8_fused, list(zip(xs, packs, strict=False))),
         "unpack_bf16_only": median_us(unpack, [(w,) for w in packs]),
-        "a8_quantize_only": median_us(triton_ops.quantize_fp8, [(xx,) for xx in xs[:ternary_sets]]),
+        "a8_quantize_only": median_us(
+            triton_launch.quantize_fp8, [(xx,) for xx in xs[:ternary_sets]]
+        ),
         "dx": median_us(dx, list(zip(dys, packs, strict=False))),
         "dx_fused": median_us(dx_fused, list(zip(dys, packs, strict=False))),
         "cublas_bf16_dx": median_us(torch.matmul, list(zip(dys, denses, strict=False))),
@@ -202,7 +218,7 @@ def write_json(path: str, gpu: str, points: list[dict], failures: list) -> None:
         "timing": "median of CUDA-graph replays (triton.testing.do_bench_cudagraph), inputs "
         f"cycled through >= {L2_FLUSH_BYTES / 1e6:.0f} MB to defeat L2",
         "points": points,
-        "configs": {repr(key): repr(cfg) for key, cfg in triton_ops.chosen_configs().items()},
+        "configs": {repr(key): repr(cfg) for key, cfg in triton_launch.chosen_configs().items()},
         "failures": [repr(f) for f in failures],
     }
     tmp = path + ".tmp"

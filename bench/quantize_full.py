@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from comfyui_ternary_flux.models.flux1 import FLUX_DEV, TINY_FLUX, random_flux_state_dict
 from comfyui_ternary_flux.ternary.fileformat import StreamingWriter
-from comfyui_ternary_flux.ternary.flux import FLUX_DEV, TINY_FLUX, random_flux_state_dict
 
 RUNS = (
     ("base3", []),

@@ -4,8 +4,10 @@ Every matmul computes transposed tiles, ``Y^T[n, m] = T[n, :] . X[m, :]``: the u
 ternary weight is the left operand, built in registers (the only wgmma operand that may come
 from registers on Hopper), and the activations are the right operand, read from shared memory.
 
-Weight tiles are loaded with a replicated address pattern: column ``c`` of a 128-column group
-lives in byte ``c % 32`` at bit ``2 * (c // 32)``, so a [rows, 128] tile of codes comes from
+The layout's numbers (GROUP = 128 columns, GROUP_BYTES = 32 bytes per group and row, the
+padding byte) come from kernels/layout.py, its one owner. Weight tiles are loaded with a
+replicated address pattern: column ``c`` of a group lives in byte ``c % 32`` at bit
+``2 * (c // 32)``, so a [rows, 128] tile of codes comes from
 one [rows, 32]-byte block (read four times from L1/shared memory) plus a per-column shift.
 This needs no reshape or interleave and lets one tensor-core dot consume 128 columns.
 
@@ -14,14 +16,21 @@ splitk_epilogue_kernel), ternary_gemv_kernel (one token), ternary_dx_kernel (dx 
 scale_grad_kernel (d weight_scale), unpack_dense_kernel (one-layer dense scratch for cuBLAS),
 quantize_fp8_kernel (per-token fp8 activations).
 
-This module imports only Triton, so kernels can be compiled for a GPU target on a machine
-without one (to read their SASS).
+This module imports only Triton and the layout constants, so kernels can be compiled for a
+GPU target on a machine without one (to read their SASS).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from . import layout
+
+GROUP: tl.constexpr = tl.constexpr(layout.GROUP)
+GROUP_BYTES: tl.constexpr = tl.constexpr(layout.GROUP_BYTES)
+PLANE: tl.constexpr = tl.constexpr(layout.GROUP // 4)  # columns per 2-bit plane of a group
+PAD_BYTE: tl.constexpr = tl.constexpr(layout.PAD_BYTE)
 
 
 @triton.jit
@@ -83,8 +92,8 @@ def _unpack_plane_asm(p, plane: tl.constexpr, dtype: tl.constexpr):
 def _group_columns(BLOCK_K: tl.constexpr):
     """For the columns 0..BLOCK_K-1 of a tile: their byte offset and bit shift in 2bit rows."""
     c = tl.arange(0, BLOCK_K)
-    byte = (c // 128) * 32 + c % 32
-    shift = (((c // 32) % 4) * 2).to(tl.uint8)
+    byte = (c // GROUP) * GROUP_BYTES + c % PLANE
+    shift = (((c // PLANE) % 4) * 2).to(tl.uint8)
     return c, byte, shift
 
 
@@ -135,7 +144,7 @@ def _ternary_tile(
             xt = tl.load(x_ptrs + k0)
         else:
             k_ok = (k0 + c) < K
-            p = tl.load(w_ptrs + step * (BLOCK_K // 4), mask=k_ok[None, :], other=0x55)
+            p = tl.load(w_ptrs + step * (BLOCK_K // 4), mask=k_ok[None, :], other=PAD_BYTE)
             xt = tl.load(x_ptrs + k0, mask=k_ok[:, None], other=0.0)
         w = _unpack(p, shift[None, :], xt.dtype)
         if xt.dtype == tl.float8e4nv:
@@ -298,8 +307,8 @@ def ternary_gemv_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, 1)
     b = tl.arange(0, BLOCK_BYTES)
-    group_start = (b // 32) * 128
-    col = group_start + b % 32  # column of plane 0 held by byte b
+    group_start = (b // GROUP_BYTES) * GROUP
+    col = group_start + b % GROUP_BYTES  # column of plane 0 held by byte b
     token = tl.arange(0, 16)
     w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + b[None, :]
     # fp8 codes (A8) are exact in bf16; fp16 keeps its own dtype (more mantissa than bf16)
@@ -315,10 +324,10 @@ def ternary_gemv_kernel(
             p = tl.load(w_ptrs + step * BLOCK_BYTES)
         else:
             p = tl.load(
-                w_ptrs + step * BLOCK_BYTES, mask=(k0 + group_start < K)[None, :], other=0x55
+                w_ptrs + step * BLOCK_BYTES, mask=(k0 + group_start < K)[None, :], other=PAD_BYTE
             )
         for plane in tl.static_range(4):
-            k = k0 + col + 32 * plane
+            k = k0 + col + PLANE * plane
             x_mask = (k < K)[:, None] & (token == 0)[None, :]
             xt = tl.load(x_ptr + k[:, None] + token[None, :] * 0, mask=x_mask, other=0.0)
             if USE_ASM:
@@ -500,7 +509,7 @@ def ternary_dx_kernel(
             dy_t = tl.load(dy_ptrs + n0)
         else:
             n_ok = (n0 + n) < N
-            p = tl.load(w_ptrs + n0 * stride_wn, mask=n_ok[None, :], other=0x55)
+            p = tl.load(w_ptrs + n0 * stride_wn, mask=n_ok[None, :], other=PAD_BYTE)
             s = tl.load(scale_ptr + n0 + n, mask=n_ok, other=0.0)
             dy_t = tl.load(dy_ptrs + n0, mask=n_ok[:, None], other=0.0)
         w = (_unpack(p, shift[:, None], tl.float32) * s[None, :]).to(dy_t.dtype)
@@ -546,7 +555,7 @@ def unpack_dense_kernel(
     p = tl.load(
         w_ptr + offs_n[:, None] * stride_wn + (k0 // 4 + byte)[None, :],
         mask=n_ok[:, None],
-        other=0x55,
+        other=PAD_BYTE,
     )
     w = _unpack(p, shift[None, :], tl.float32)
     if HAS_SCALE:

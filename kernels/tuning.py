@@ -1,9 +1,11 @@
-"""Launch configurations of the Triton kernels, one table per GPU family.
+"""Launch configurations of the Triton kernels, one table per GPU family: data only.
 
 Each table maps a token-count bucket to a few candidates; the launcher times them once per
-(bucket, shape) and keeps the fastest (kernels/triton_ops.py). Candidates that do not fit a
-GPU (shared memory, registers) are skipped there. Only the Hopper table was measured (H100);
-the Ampere and Ada tables are educated guesses sized for their shared memory.
+(bucket, shape) and keeps the fastest (kernels/triton_launch.py). Candidates that do not fit
+a GPU (shared memory, registers) are skipped there. Only the Hopper table was measured (H100,
+H200); the Ampere and Ada tables are educated guesses sized for their shared memory. GPUs of
+no family here (Blackwell and later, sm_100+) get no table: kernels/plan.py gives them its
+stated conservative plan instead of another family's numbers.
 """
 
 from __future__ import annotations
@@ -152,15 +154,15 @@ INTERPRETER_DX = DxConfig(128, 16, 32, 4, 1)
 INTERPRETER_GEMV = GemvConfig(16, 32, 1, 4)
 
 
-def gpu_family(capability: tuple[int, int]) -> str:
-    """'hopper' (sm_90+), 'ada' (sm_89), 'ampere' (sm_80-86)."""
-    if capability >= (9, 0):
+def gpu_family(capability: tuple[int, int]) -> str | None:
+    """'hopper' (sm_90), 'ada' (sm_89), 'ampere' (sm_80-87); None for GPUs without tables."""
+    if capability[0] == 9:
         return "hopper"
-    if capability >= (8, 9):
+    if capability == (8, 9):
         return "ada"
-    if capability >= (8, 0):
+    if capability[0] == 8:
         return "ampere"
-    raise ValueError(f"no Triton tables for compute capability {capability}: needs sm_80+")
+    return None
 
 
 def m_bucket(m: int) -> str:

@@ -18,13 +18,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..ternary.distill_config import DistillConfig
-from ..ternary.progress import ProgressLog, read_progress
-from ..ternary.prompts import generate_prompts, read_prompt_file
+from ..distill.config import DistillConfig
+from ..distill.progress import ProgressLog, read_progress
+from ..distill.prompts import generate_prompts, read_prompt_file
+from ..distill.student import student_from_tensors
+from ..distill.teacher import TeacherDataset, TeacherSettings, build_teacher_dataset
+from ..distill.train import distill
 from ..ternary.quantize import SCALE_RULES
-from ..ternary.student import student_from_tensors
-from ..ternary.teacher import TeacherDataset, TeacherSettings, build_teacher_dataset
-from ..ternary.train import distill
 from . import folders
 from .model_io import check_flux, dense_state_dict, load_ternary_patcher
 
@@ -260,6 +260,7 @@ class BuildTeacherDataset(io.ComfyNode):
         settings = TeacherSettings(
             width=width, height=height, steps=steps, guidance=guidance,
             points_per_prompt=points_per_prompt, seed=seed, shard_size=shard_size,
+            latent_channels=model.model.latent_format.latent_channels,
         )  # fmt: skip
         directory = dataset_dir(dataset)
         bar = comfy.utils.ProgressBar(len(prompt_list))

@@ -15,8 +15,9 @@ import comfy.sd
 import torch
 from comfy_api.latest import io
 
-from ..ternary.fileformat import load_ternary_file
-from ..ternary.flux import detect_config
+from ..models import flux1
+from ..models.files import load_ternary_model
+from ..models.registry import detect_family
 from .lora_branches import install
 from .ternary_ops import TernaryOps, ternary_modules
 
@@ -61,7 +62,7 @@ def patcher_from_state_dict(tensors: dict[str, torch.Tensor], act_bits: int = 16
 
 def load_ternary_patcher(path: str | os.PathLike, act_bits: int = 16, disable_dynamic=False):
     """A ComfyUI MODEL of a v1 ternary file (raises TernaryFormatError on a bad file)."""
-    checkpoint = load_ternary_file(path)
+    checkpoint = load_ternary_model(path)
     patcher = patcher_from_state_dict(
         checkpoint.state_dict, act_bits, disable_dynamic=disable_dynamic
     )
@@ -120,10 +121,10 @@ def dense_state_dict(patcher) -> dict[str, torch.Tensor]:
 
 
 def check_flux(patcher) -> None:
-    """Raise a readable error unless this MODEL is a dense FLUX.1 diffusion model."""
+    """Raise a readable error unless this MODEL is a dense model of a known family."""
     if ternary_modules(patcher):
         raise ValueError("this MODEL is already ternary")
-    detect_config(logical_shapes(patcher))  # raises NotFluxError naming what is missing
+    detect_family(logical_shapes(patcher))  # raises ModelFamilyError naming what was found
 
 
 def logical_shapes(patcher) -> dict[str, tuple[int, ...]]:
@@ -143,7 +144,9 @@ def check_bf16_flux(patcher) -> None:
     """
     from comfy.quant_ops import QuantizedTensor
 
-    check_flux(patcher)
+    if ternary_modules(patcher):
+        raise ValueError("this MODEL is already ternary")
+    flux1.detect_config(logical_shapes(patcher))  # the reproduction is of FLUX.1-dev
     refuse_patches(patcher, "connect the plain bf16 FLUX.1-dev, from before the LoRA loaders")
     for key, tensor in bfl_state_dict(patcher).items():
         if isinstance(tensor, QuantizedTensor):

@@ -6,7 +6,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..ternary.convert import quantize_state_dict
+from ..models.files import quantize_state_dict
 from ..ternary.quantize import SCALE_RULES
 from .model_io import (
     ACT_BITS,

@@ -16,8 +16,8 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io, ui
 
-from ..ternary.flux import FluxConfig, detect_config
-from ..ternary.report import ReportRow, format_report, measure_step, render_chart
+from ..models.flux1 import FluxConfig, detect_config
+from ..ternary.measure import ReportRow, format_report, measure_step, render_chart
 from .model_io import logical_shapes
 from .ternary_ops import ternary_modules
 

@@ -6,7 +6,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..ternary.reproduction import import_reproduction_from_weights
+from ..models.reproduction import import_reproduction_from_weights
 from . import folders
 from .model_io import (
     ACT_BITS,

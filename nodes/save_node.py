@@ -4,39 +4,24 @@ from __future__ import annotations
 
 import os
 
-import torch
 from comfy_api.latest import io, ui
 
 from ..ternary.fileformat import save_ternary_file
-from ..ternary.packing import PACKINGS, pack, unpack_2bit
+from ..ternary.module import export_tensors
+from ..ternary.packing import PACKINGS
 from . import folders
-from .model_io import bfl_state_dict, refuse_patches
+from .model_io import bfl_key, refuse_patches
 from .ternary_ops import ternary_modules
-
-_DENSE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def ternary_file_tensors(patcher, packing: str) -> tuple[dict, dict, int]:
-    """(tensors, layers, lora rank) of a ternary MODEL in the v1 layout."""
-    layers = ternary_modules(patcher)
-    if not layers:
+    """(tensors, layers, lora rank) of a ternary MODEL in the v1 layout, BFL names."""
+    if not ternary_modules(patcher):
         raise ValueError("this MODEL has no ternary layers; quantize or load a ternary model")
     refuse_patches(
         patcher, "a ternary file cannot hold them; connect the model from before the LoRA loaders"
     )
-    tensors = {}
-    for key, tensor in bfl_state_dict(patcher).items():
-        module, suffix = key.rsplit(".", 1)
-        tensor = tensor.detach().cpu()
-        if module in layers:
-            if suffix == "weight" and packing != "2bit":
-                values = unpack_2bit(tensor, layers[module].in_features)
-                tensor = pack(values, packing)
-        elif tensor.dtype not in _DENSE_DTYPES:
-            tensor = tensor.to(torch.bfloat16)
-        tensors[key] = tensor
-    shapes = {name: (m.out_features, m.in_features) for name, m in layers.items()}
-    return tensors, shapes, max(m.lora_rank for m in layers.values())
+    return export_tensors(patcher.model.diffusion_model, packing, key=bfl_key)
 
 
 class SaveTernaryModel(io.ComfyNode):

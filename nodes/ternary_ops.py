@@ -21,8 +21,9 @@ from __future__ import annotations
 import comfy.ops
 import torch
 
-from ..kernels.dispatch import ternary_linear
-from ..ternary.modules import TernaryLinear
+from ..kernels.op import ternary_linear
+from ..kernels.weight import LoraBranch, TernaryWeight
+from ..ternary.module import TernaryLinear
 
 
 class ComfyTernaryLinear(TernaryLinear):
@@ -67,17 +68,9 @@ class ComfyTernaryLinear(TernaryLinear):
                 up = torch.cat([here(up).to(dtype) * scale, here(self.patch_up).to(dtype)], 1)
                 scale = 1.0
         bias = self.bias if self.patch_bias is None else self.patch_bias
-        out = ternary_linear(
-            x,
-            here(self.weight),
-            here(self.weight_scale),
-            self.in_features,
-            here(bias),
-            here(down),
-            here(up),
-            scale,
-            self.act_bits,
-        )
+        weight = TernaryWeight(here(self.weight), here(self.weight_scale), self.in_features)
+        lora = None if down is None else LoraBranch(here(down), here(up), scale)
+        out = ternary_linear(x, weight, here(bias), lora, self.act_bits)
         if self.patch_dense is not None:
             out = out + torch.nn.functional.linear(x, here(self.patch_dense).to(x.dtype))
         return out

@@ -1,4 +1,2 @@
-"""The core: quantization, packing, modules, file formats, distillation, reporting.
-
-Nothing in this package imports ComfyUI.
-"""
+"""The core: quantization, packing, the file format, the conversion loop, the module and the
+measurements. Knows no model family and nothing of ComfyUI."""

@@ -1,22 +1,93 @@
-"""Atomic file writes: a file appears under its name only once it is complete, and a failed
-write leaves nothing behind (the temporary file is removed)."""
+"""The one atomic writer: a file appears under its name only once it is complete.
+
+A write goes to a temporary file beside the target (``.NAME.PID.partial``) and is renamed
+over the target at the end; a failed write removes it. A process killed outright (SIGKILL,
+power loss) cannot remove its temporary file, so every write first deletes the stale
+temporaries that dead processes left for the same target.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
+_SUFFIX = ".partial"
+
+
+def _temp_stem(name: str) -> str:
+    """The temporary names' common part: the target's name, or its digest when a long name
+    would make the temporary name too long for the file system."""
+    if len(f".{name}.4294967295{_SUFFIX}".encode()) <= NAME_MAX:
+        return f".{name}"
+    return f".{hashlib.sha256(name.encode()).hexdigest()[:24]}"
+
+
+def temp_path(path: Path, pid: int | None = None) -> Path:
+    """Where a write of ``path`` by process ``pid`` (this one) lives until it is complete."""
+    return path.with_name(f"{_temp_stem(path.name)}.{pid or os.getpid()}{_SUFFIX}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files of ``path`` that dead processes left; returns them."""
+    stem = _temp_stem(path.name)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.glob(f"{glob_escape(stem)}.*{_SUFFIX}"):
+        pid = candidate.name[len(stem) + 1 : -len(_SUFFIX)]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob metacharacters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def check_target(path: Path, overwrite: bool) -> None:
+    """Refuse a target that cannot or must not be written, before any work is done."""
+    if len(path.name.encode()) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"file name longer than {NAME_MAX} bytes", str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary name beside ``path``; on success it is renamed over ``path``."""
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; on success it is renamed over ``path``.
+
+    With ``overwrite=False`` an existing ``path`` is refused up front, and a ``path`` that
+    appears while writing (another process) is not replaced.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    check_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = temp_path(path)
     try:
         yield tmp
+        if not overwrite and path.exists():
+            raise FileExistsError(f"{path} appeared while writing; not replaced")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .fileformat import LORA_DTYPE
+from .packing import pack
 
 SCALE_RULES = ("absmean", "lsq")
 _EPS = 1e-8
@@ -49,9 +54,15 @@ def residual_lora(
     Returns (down [r, K], up [N, r]) in float32 with ``up @ down ~ E`` (the kohya / PEFT
     orientation). A seeded randomized SVD keeps large layers fast and results repeatable.
     """
+    return residual_factors(weight.float() - dequantize(t, scale), rank, seed)
+
+
+def residual_factors(
+    residual: torch.Tensor, rank: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`residual_lora` of an already computed residual E [N, K] (float32)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-    residual = weight.float() - dequantize(t, scale)
     n, k = residual.shape
     r = min(rank, n, k)
     with torch.random.fork_rng(devices=[residual.device] if residual.is_cuda else []):
@@ -63,3 +74,38 @@ def residual_lora(
     down[:r] = root[:, None] * v[:, :r].T
     up[:, :r] = u[:, :r] * root
     return down, up
+
+
+@dataclass
+class LayerError:
+    """Relative Frobenius error of one layer: ||W - sT|| / ||W|| (and with the LoRA)."""
+
+    name: str
+    shape: tuple[int, int]
+    ternary: float
+    with_lora: float | None = None
+
+
+def quantize_layer(
+    weight: torch.Tensor,
+    lora_rank: int = 0,
+    scale_rule: str = "absmean",
+    packing: str = "2bit",
+    lora_dtype: torch.dtype = LORA_DTYPE,
+) -> tuple[dict[str, torch.Tensor], LayerError]:
+    """The one per-layer quantizer: a dense [N, K] weight -> ({suffix: tensor}, error), the
+    suffixes and dtypes of ternary/fileformat.py's layer schema."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} holds NaN or infinite values")
+    t, scale = ternarize(weight, scale_rule)
+    w = weight.float()
+    norm = w.norm().clamp(min=1e-30)
+    residual = w - dequantize(t, scale)
+    error = LayerError("", tuple(weight.shape), float(residual.norm() / norm))
+    out = {"weight": pack(t, packing), "weight_scale": scale}
+    if lora_rank:
+        down, up = residual_factors(residual, lora_rank)
+        down, up = down.to(lora_dtype), up.to(lora_dtype)
+        error.with_lora = float((residual - up.float() @ down.float()).norm() / norm)
+        out.update(lora_down=down, lora_up=up, lora_alpha=torch.tensor(float(lora_rank)))
+    return out, error

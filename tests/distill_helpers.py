@@ -6,15 +6,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from comfyui_ternary_flux.ternary.distill_config import DistillConfig
-from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
-from comfyui_ternary_flux.ternary.flux_model import flux_from_state_dict
-from comfyui_ternary_flux.ternary.teacher import (
+from comfyui_ternary_flux.distill.config import DistillConfig
+from comfyui_ternary_flux.distill.teacher import (
     TeacherSettings,
     build_teacher_dataset,
     hashed_prompt_encoder,
     model_velocity_fn,
 )
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
+from comfyui_ternary_flux.models.flux1_torch import flux_from_state_dict
 
 PROMPTS = [f"a red cube number {i}" for i in range(6)]
 SETTINGS = TeacherSettings(

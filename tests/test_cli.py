@@ -2,9 +2,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_ternary_flux.ternary.cli import main
-from comfyui_ternary_flux.ternary.fileformat import load_ternary_file
-from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
+from comfyui_ternary_flux.cli.main import main
+from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
 
 
 def test_default_job_quantizes_the_embedded_tiny_model(tmp_path, monkeypatch, capsys):
@@ -42,7 +42,10 @@ def test_full_checkpoint_with_prefix_and_other_models(tmp_path, capsys):
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     save_file({"x.weight": torch.zeros(2, 2)}, str(tmp_path / "notflux.safetensors"))
     assert main(["quantize", str(tmp_path / "notflux.safetensors")]) == 2
-    assert "not a FLUX.1 diffusion model" in capsys.readouterr().err
+    assert (
+        "not a model this pack knows (top-level keys: x); supported: FLUX.1"
+        in capsys.readouterr().err
+    )
     assert main(["quantize", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_reproduction import make_checkpoint, to_diffusers
 
-from comfyui_ternary_flux.ternary.convert import quantize_state_dict
+from comfyui_ternary_flux.models.files import quantize_state_dict
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
+from comfyui_ternary_flux.models.reproduction import import_reproduction
 from comfyui_ternary_flux.ternary.fileformat import save_ternary_file
-from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
-from comfyui_ternary_flux.ternary.reproduction import import_reproduction
 
 H = TINY_FLUX.hidden_size
 

@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from distill_helpers import build_data, tiny_config, write_teacher_file
 
-from comfyui_ternary_flux.ternary.distributed import DistEnv
-from comfyui_ternary_flux.ternary.student import load_student
-from comfyui_ternary_flux.ternary.teacher import TeacherDataset
-from comfyui_ternary_flux.ternary.train import distill
+from comfyui_ternary_flux.distill.distributed import DistEnv
+from comfyui_ternary_flux.distill.student import load_student
+from comfyui_ternary_flux.distill.teacher import TeacherDataset
+from comfyui_ternary_flux.distill.train import distill
 
 
 def free_port() -> int:

@@ -1,20 +1,22 @@
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_ternary_flux.ternary.convert import quantize_file, quantize_state_dict
+from comfyui_ternary_flux.models.family import ModelFamilyError
+from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
+from comfyui_ternary_flux.models.files import quantize_file, quantize_state_dict
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
 from comfyui_ternary_flux.ternary.fileformat import (
     StreamingWriter,
     TernaryFormatError,
-    load_ternary_file,
     read_header,
     save_ternary_file,
 )
-from comfyui_ternary_flux.ternary.flux import TINY_FLUX, NotFluxError, random_flux_state_dict
-from comfyui_ternary_flux.ternary.modules import TernaryLinear
+from comfyui_ternary_flux.ternary.module import TernaryLinear
 from comfyui_ternary_flux.ternary.packing import unpack_2bit
 from comfyui_ternary_flux.ternary.quantize import ternarize
 
@@ -85,13 +87,15 @@ def test_loaded_layer_computes_the_float64_reference(tmp_path, tiny_file, tiny_s
 
 
 def test_full_flux_dev_size_is_planned_under_3_1_gb():
-    from comfyui_ternary_flux.ternary.convert import plan
-    from comfyui_ternary_flux.ternary.flux import FLUX_DEV, flux_shapes
+    from comfyui_ternary_flux.models.files import ternary_layers
+    from comfyui_ternary_flux.models.flux1 import FAMILY, FLUX_DEV, flux_shapes
+    from comfyui_ternary_flux.ternary.convert import plan_entries
 
     shapes = {k: (torch.bfloat16, s) for k, s in flux_shapes(FLUX_DEV).items()}
     bf16 = sum(torch.Size(s).numel() * 2 for _, s in shapes.values())
     for packing, limit in (("2bit", 3.11e9), ("base3", 2.6e9)):
-        entries, layers = plan(shapes, 0, packing)
+        layers = ternary_layers(FAMILY, shapes, 0)
+        entries = plan_entries(shapes, layers, packing)
         size = sum(
             torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
             for d, s in entries.values()
@@ -106,7 +110,11 @@ def test_not_flux_is_refused_and_leaves_nothing(tmp_path):
     save_file(
         {"conv_in.weight": torch.zeros(4, 4), "time_embed.0.weight": torch.zeros(8, 4)}, str(src)
     )
-    with pytest.raises(NotFluxError, match="not a FLUX.1 diffusion model: missing img_in.weight"):
+    with pytest.raises(
+        ModelFamilyError,
+        match=r"not a model this pack knows \(top-level keys: conv_in, time_embed\); "
+        r"supported: FLUX.1 \(flux\)",
+    ):
         quantize_file(src, tmp_path / "out.safetensors")
     with pytest.raises(TernaryFormatError, match="not a ternary-flux file"):
         load_ternary_file(src)
@@ -211,7 +219,7 @@ def test_bad_weights_are_refused_and_leave_nothing(tmp_path, tiny_state):
     messages = {
         "nan": "double_blocks.1.img_mlp.0: weight of shape .* NaN",
         "gap": r"double blocks \[2, 3, 4\] are missing",
-        "int64": "dtype I64 are not supported",
+        "int64": "dtype I64, which is not supported",
     }
     for name, change in cases.items():
         src = tmp_path / f"{name}.safetensors"
@@ -238,6 +246,38 @@ def test_schnell_architecture_without_guidance_round_trips(tmp_path):
     state = random_flux_state_dict(schnell, seed=5)
     assert not any(k.startswith("guidance_in") for k in state)
     tensors, layers, report = quantize_state_dict(state)
-    assert report.config == schnell
+    assert report.model.startswith("FLUX.1 (schnell-like)")
     save_ternary_file(tmp_path / "s.safetensors", tensors, layers)
     assert load_ternary_file(tmp_path / "s.safetensors").config == schnell
+
+
+def test_format_v1_file_of_the_code_before_the_restructuring_loads_bit_identically():
+    """tests/data/v1_tiny_base3_lora4.safetensors was written by the code of commit 4120ace
+    (tiny FLUX, base3, LoRA rank 4, lsq); its loaded tensors' digests and a forward output
+    of the pure-torch model were recorded by that code."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from comfyui_ternary_flux.models.flux1_torch import ternary_flux_from_state_dict
+
+    data = Path(__file__).parent / "data"
+    loaded = load_ternary_file(data / "v1_tiny_base3_lora4.safetensors")
+    assert loaded.stored_packing == "base3" and loaded.lora_rank == 4
+    assert loaded.family.name == "flux" and loaded.config.hidden_size == 128
+    digests = json.loads((data / "v1_tiny_loaded_sha256.json").read_text())["sha256"]
+    got = {
+        key: hashlib.sha256(
+            t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        ).hexdigest()
+        for key, t in loaded.state_dict.items()
+    }
+    assert got == digests
+    expected = load_file(data / "v1_tiny_expected.safetensors")
+    model = ternary_flux_from_state_dict(loaded.state_dict, loaded.layers, dtype=torch.float32)
+    with torch.no_grad():
+        out = model(
+            expected["x"], torch.tensor([0.6]), expected["context"], expected["y"],
+            torch.tensor([3.5]),
+        )  # fmt: skip
+    assert torch.equal(out, expected["out"])

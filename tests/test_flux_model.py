@@ -7,8 +7,8 @@ import pytest
 import torch
 from comfyui_harness import import_comfyui
 
-from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
-from comfyui_ternary_flux.ternary.flux_model import (
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
+from comfyui_ternary_flux.models.flux1_torch import (
     FluxTransformer,
     apply_rope,
     flux_from_state_dict,
@@ -18,7 +18,7 @@ from comfyui_ternary_flux.ternary.flux_model import (
     ternary_flux_from_state_dict,
     timestep_embedding,
 )
-from comfyui_ternary_flux.ternary.modules import TernaryLinear
+from comfyui_ternary_flux.ternary.module import TernaryLinear
 
 
 def inputs(batch=2, txt_len=5, height=8, width=6, seed=1, dtype=torch.float32):

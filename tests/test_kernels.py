@@ -1,7 +1,8 @@
-"""Triton kernels against a float64 reference.
+"""The op's Triton paths and launchers against a float64 reference.
 
 On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and these run the
-kernels on the CPU through Triton's interpreter (small shapes). On a GPU they run compiled.
+kernels on the CPU through Triton's interpreter (small shapes), through the op with
+``TERNARY_FLUX_BACKEND=triton``. On a GPU they run compiled.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_ternary_flux.kernels import dispatch, triton_ops
-from comfyui_ternary_flux.kernels.reference import (
-    quantize_activations,
-    ternary_linear_reference,
-)
-from comfyui_ternary_flux.kernels.triton_linear import input_grad, ternary_linear_triton
-from comfyui_ternary_flux.kernels.tuning import DxConfig, GemvConfig, MatmulConfig, m_bucket
-from comfyui_ternary_flux.ternary.packing import pack_2bit
+from comfyui_ternary_flux.kernels import plan, triton_launch, tuning
+from comfyui_ternary_flux.kernels.device import fp8_tensor_cores, interpreting
+from comfyui_ternary_flux.kernels.layout import pack_2bit
+from comfyui_ternary_flux.kernels.op import ternary_linear
+from comfyui_ternary_flux.kernels.reference import quantize_activations
+from comfyui_ternary_flux.kernels.triton_linear import input_grad
+from comfyui_ternary_flux.kernels.tuning import DxConfig, GemvConfig, MatmulConfig
+from comfyui_ternary_flux.kernels.weight import LoraBranch, TernaryWeight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # ||out - ref|| / ||ref|| bounds: the output's own rounding dominates.
@@ -28,7 +29,7 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 def _interpreter_bf16_dot(monkeypatch):
     """Triton 3.9's interpreter multiplies bf16 bit patterns as integers in tl.dot; feed
     it float32 values instead (the compiled kernels are not affected)."""
-    if not triton_ops.interpreting():
+    if not interpreting():
         return
     from triton.runtime import interpreter
 
@@ -46,11 +47,24 @@ def _interpreter_bf16_dot(monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
-@pytest.fixture
-def fresh_configs(monkeypatch):
-    """Forget chosen configs so a test can swap in its own."""
-    monkeypatch.setattr(triton_ops, "_chosen", {})
-    return monkeypatch
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    """Every product here runs the Triton paths (under the interpreter on a CPU)."""
+    monkeypatch.setenv("TERNARY_FLUX_BACKEND", "triton")
+    monkeypatch.setattr(triton_launch, "_chosen", {})
+    plan.clear_cache()
+    yield
+    plan.clear_cache()
+
+
+def triton_linear(x, weight, scale, k, bias=None, down=None, up=None, lora_scale=1.0, act_bits=16):
+    """The op on a packed weight (the Triton paths: see the triton_backend fixture)."""
+    lora = None if down is None else LoraBranch(down, up, lora_scale)
+    return ternary_linear(x, TernaryWeight(weight, scale, k), bias, lora, act_bits)
+
+
+def family() -> str:
+    return plan.family_of(torch.device(DEVICE))
 
 
 def ternary_layer(n: int, k: int, gen: torch.Generator):
@@ -105,7 +119,7 @@ def test_forward_matches_float64(m, k, n, dtype, has_bias, rank, act_bits):
     if rank:
         down = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype).to(DEVICE)
         up = torch.randn(n, rank, generator=gen).to(dtype).to(DEVICE)
-    y = ternary_linear_triton(x, weight, scale, k, bias, down, up, 0.7, act_bits)
+    y = triton_linear(x, weight, scale, k, bias, down, up, 0.7, act_bits)
     assert y.shape == (2, m, n) and y.dtype == dtype
     ref = expected(x.reshape(-1, k), t, scale, bias, down, up, 0.7, act_bits).reshape(2, m, n)
     assert rel_err(y, ref) < TOLERANCE[dtype]
@@ -117,13 +131,8 @@ def test_forward_matches_float64(m, k, n, dtype, has_bias, rank, act_bits):
     ids=["one-pass", "split-k"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matmul_writes_every_output(fresh_configs, config, dtype):
+def test_matmul_writes_every_output(config, dtype):
     m, k, n = 18, 650, 37
-    if triton_ops.interpreting():
-        fresh_configs.setattr(triton_ops, "INTERPRETER_MATMUL", config)
-    else:
-        family = triton_ops._family(torch.device(DEVICE))
-        fresh_configs.setitem(triton_ops.MATMUL_TABLES[family]["a16"], m_bucket(m), [config])
     gen = torch.Generator().manual_seed(3)
     t, weight, scale = ternary_layer(n, k, gen)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
@@ -132,7 +141,10 @@ def test_matmul_writes_every_output(fresh_configs, config, dtype):
     up = torch.randn(n, 6, generator=gen).to(dtype).to(DEVICE)
     xd = x @ down.t()
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    result = triton_ops.ternary_matmul(x, weight, scale, k, bias=bias, lora=(xd, up, 0.5), out=out)
+    result = triton_launch.ternary_matmul(
+        x, TernaryWeight(weight, scale, k), (config,), family(), bias=bias, lora=(xd, up, 0.5),
+        out=out,
+    )  # fmt: skip
     assert result.data_ptr() == out.data_ptr()
     ref = expected(x, t, scale, bias, down, up, 0.5)
     assert rel_err(out, ref) < TOLERANCE[dtype]
@@ -151,12 +163,7 @@ def test_matmul_writes_every_output(fresh_configs, config, dtype):
 @pytest.mark.parametrize(
     "dtype,rank", [(torch.bfloat16, 0), (torch.bfloat16, 5), (torch.float16, 3)]
 )
-def test_gemv_writes_every_output(fresh_configs, config, dtype, rank):
-    if triton_ops.interpreting():
-        fresh_configs.setattr(triton_ops, "INTERPRETER_GEMV", config)
-    else:
-        family = triton_ops._family(torch.device(DEVICE))
-        fresh_configs.setitem(triton_ops.GEMV_TABLES, family, [config])
+def test_gemv_writes_every_output(config, dtype, rank):
     gen = torch.Generator().manual_seed(20 + rank)
     m, k, n = 1, 700, 45
     t, weight, scale = ternary_layer(n, k, gen)
@@ -169,7 +176,9 @@ def test_gemv_writes_every_output(fresh_configs, config, dtype, rank):
         up = torch.randn(n, rank, generator=gen).to(dtype).to(DEVICE)
         lora = (x @ down.t(), up, 0.4)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    triton_ops.ternary_matmul(x, weight, scale, k, bias=bias, lora=lora, out=out)
+    triton_launch.ternary_matmul(
+        x, TernaryWeight(weight, scale, k), (config,), family(), bias=bias, lora=lora, out=out
+    )
     ref = expected(x, t, scale, bias, down, up, 0.4)
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
@@ -177,8 +186,8 @@ def test_gemv_writes_every_output(fresh_configs, config, dtype, rank):
 @pytest.fixture
 def dense_from_one_token(monkeypatch):
     """Make every token count take the dense-scratch forward path."""
-    family = triton_ops._family(torch.device(DEVICE))
-    monkeypatch.setitem(triton_ops.DENSE_MIN_TOKENS, family, 1)
+    monkeypatch.setitem(tuning.DENSE_MIN_TOKENS, family(), 1)
+    plan.clear_cache()
 
 
 @pytest.mark.parametrize(
@@ -200,14 +209,14 @@ def test_dense_scratch_path_matches_float64(dense_from_one_token, m, k, n, dtype
     if rank:
         down = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype).to(DEVICE)
         up = torch.randn(n, rank, generator=gen).to(dtype).to(DEVICE)
-    y = ternary_linear_triton(x, weight, scale, k, bias, down, up, 0.6, act_bits)
+    y = triton_linear(x, weight, scale, k, bias, down, up, 0.6, act_bits)
     assert y.dtype == dtype
     ref = expected(x, t, scale, bias, down, up, 0.6, act_bits)
     assert rel_err(y, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_ops.fp8_tensor_cores(torch.device("cuda"))),
+    not (torch.cuda.is_available() and fp8_tensor_cores(torch.device("cuda"))),
     reason="SKIPPED: the fp8 cuBLAS path needs a GPU with fp8 tensor cores (sm_89+)",
 )
 def test_fp8_fast_accumulation_is_far_below_fp8_rounding(dense_from_one_token):
@@ -220,7 +229,7 @@ def test_fp8_fast_accumulation_is_far_below_fp8_rounding(dense_from_one_token):
     x = torch.randn(m, k, generator=gen)
     x[:, ::97] *= 20  # outlier channels, as in real activations
     x = x.to(torch.bfloat16).to(DEVICE)
-    y = ternary_linear_triton(x, weight, scale, k, act_bits=8)
+    y = triton_linear(x, weight, scale, k, act_bits=8)
     accumulation = rel_err(y, expected(x, t, scale, act_bits=8))
     rounding = rel_err(expected(x, t, scale, act_bits=8), expected(x, t, scale))
     assert accumulation < 0.2 * rounding, (accumulation, rounding)
@@ -231,7 +240,9 @@ def test_input_grad_dense_scratch_path(dense_from_one_token):
     m, k, n = 5, 200, 48
     t, weight, scale = ternary_layer(n, k, gen)
     dy = torch.randn(m, n, generator=gen).to(torch.float16).to(DEVICE)
-    dx = input_grad(dy, weight, scale, k)
+    dense = plan.plan_input_grad(m, n, k, dy.dtype, dy.device)
+    assert dense.path == "dense"
+    dx = input_grad(dy, TernaryWeight(weight, scale, k), dense)
     ref = dy.double().cpu() @ (t.double() * scale.double().cpu()[:, None])
     assert dx.dtype == torch.float16
     assert rel_err(dx, ref) < TOLERANCE[torch.float16]
@@ -243,10 +254,14 @@ def test_unpack_dense_merges_scale_and_lora():
     t, weight, scale = ternary_layer(n, k, gen)
     up = torch.randn(n, rank, generator=gen).to(torch.bfloat16).to(DEVICE)
     down = torch.randn(rank, k, generator=gen).to(torch.bfloat16).to(DEVICE)
-    dense = triton_ops.unpack_dense(weight, k, torch.bfloat16, scale, (up, down, 0.3))
+    dense = triton_launch.unpack_dense(
+        TernaryWeight(weight, scale, k), torch.bfloat16, lora=(up, down, 0.3)
+    )
     ref = t.double() * scale.double().cpu()[:, None] + 0.3 * up.double().cpu() @ down.double().cpu()
     assert rel_err(dense, ref) < TOLERANCE[torch.bfloat16]
-    codes = triton_ops.unpack_dense(weight, k, torch.float8_e4m3fn)
+    codes = triton_launch.unpack_dense(
+        TernaryWeight(weight, scale, k), torch.float8_e4m3fn, scaled=False
+    )
     assert torch.equal(codes.float().cpu(), t.float())
 
 
@@ -255,18 +270,22 @@ def test_fp8_matmul_writes_every_output():
     m, k, n = 4, 390, 50
     t, weight, scale = ternary_layer(n, k, gen)
     x = torch.randn(m, k, generator=gen).to(DEVICE)
-    codes, token_scale = triton_ops.quantize_fp8(x)
+    codes, token_scale = triton_launch.quantize_fp8(x)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    triton_ops.ternary_matmul(codes, weight, scale, k, token_scale=token_scale, out=out)
+    configs = plan.plan_linear(m, n, k, torch.bfloat16, 8, torch.device(DEVICE)).configs
+    triton_launch.ternary_matmul(
+        codes, TernaryWeight(weight, scale, k), configs, family(), token_scale=token_scale,
+        out=out,
+    )  # fmt: skip
     assert rel_err(out, expected(x, t, scale, act_bits=8)) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("k", [200, 5000])
 def test_quantize_is_bit_exact(monkeypatch, k):
-    monkeypatch.setattr(triton_ops, "QUANT_MAX_ONE_PASS", 1024)  # 5000 takes the two-pass loop
+    monkeypatch.setattr(triton_launch, "QUANT_MAX_ONE_PASS", 1024)  # 5000: the two-pass loop
     x = (torch.randn(3, k) * torch.tensor([[1e-3], [1.0], [300.0]])).to(DEVICE)
     x[1, 7] = 0.0
-    codes, token_scale = triton_ops.quantize_fp8(x)
+    codes, token_scale = triton_launch.quantize_fp8(x)
     ref_codes, ref_scale = quantize_activations(x.cpu())
     assert torch.equal(codes.float().cpu(), ref_codes)
     assert torch.equal(token_scale.cpu(), ref_scale[:, 0])
@@ -274,18 +293,38 @@ def test_quantize_is_bit_exact(monkeypatch, k):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n", [(1, 256, 64), (17, 300, 45)])
-def test_input_grad_writes_every_output(fresh_configs, dtype, m, k, n):
-    if triton_ops.interpreting():
-        fresh_configs.setattr(triton_ops, "INTERPRETER_DX", DxConfig(128, 16, 32, 4, 1))
+def test_input_grad_writes_every_output(dtype, m, k, n):
+    config = DxConfig(128, 16, 32, 4, 1) if interpreting() else None
+    configs = (config,) if config else plan.plan_input_grad(m, n, k, dtype, DEVICE).configs
     gen = torch.Generator().manual_seed(m + k)
     t, weight, scale = ternary_layer(n, k, gen)
     dy = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE)
     out = torch.full((m, k), float("nan"), dtype=dtype, device=DEVICE)
-    triton_ops.ternary_dx(dy, weight, scale, k, out=out)
+    triton_launch.ternary_dx(dy, TernaryWeight(weight, scale, k), configs, family(), out=out)
     ref = dy.double().cpu() @ (t.double() * scale.double().cpu()[:, None])
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
+def float64_grads(x, t, scale, bias, down, up, lora_scale, act_bits, dy):
+    """Gradients of the layer in float64 by plain autograd on the dense matrix. 8-bit: the
+    forward sees the fp8-rounded x, dx is straight-through (the unrounded layer's)."""
+    leaves = [v.double().cpu().clone().requires_grad_() for v in [x, scale, bias]]
+    if down is not None:
+        leaves += [down.double().cpu().clone().requires_grad_(), up.double().cpu().clone()]
+        leaves[-1].requires_grad_()
+    x64, s64, b64 = leaves[:3]
+    xq = x64
+    if act_bits == 8:
+        codes, token_scale = quantize_activations(x.cpu())
+        xq = x64 + ((codes.double() * token_scale.double()) - x64).detach()
+    y = (xq @ t.double().t()) * s64 + b64
+    if down is not None:
+        y = y + lora_scale * (x64 @ leaves[3].t()) @ leaves[4].t()
+    y.backward(dy.double().cpu())
+    return [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize(
     "dtype,act_bits,rank",
     [
@@ -295,50 +334,62 @@ def test_input_grad_writes_every_output(fresh_configs, dtype, m, k, n):
         (torch.bfloat16, 8, 2),
     ],
 )
-def test_backward_matches_float64(dtype, act_bits, rank):
+def test_backward_matches_float64(monkeypatch, backend, dtype, act_bits, rank):
+    monkeypatch.setenv("TERNARY_FLUX_BACKEND", backend)
     gen = torch.Generator().manual_seed(11 + rank)
     m, k, n = 6, 160, 36
     t, weight, scale = ternary_layer(n, k, gen)
-    x = torch.randn(m, k, generator=gen).to(dtype)
+    x = torch.randn(2, m // 2, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     down = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype) if rank else None
     up = torch.randn(n, rank, generator=gen).to(dtype) if rank else None
-    dy = torch.randn(m, n, generator=gen).to(dtype)
-
-    def grads(device, cast, fn):
-        leaves = [v.to(device=device, dtype=cast or v.dtype).clone().requires_grad_() for v in
-                  [x, scale.float(), bias] + ([down, up] if rank else [])]  # fmt: skip
-        lora = leaves[3:] if rank else [None, None]
-        y = fn(leaves[0], weight.to(device), leaves[1], k, leaves[2], *lora, 0.8, act_bits)
-        y.backward(dy.to(device=device, dtype=y.dtype))
-        return [leaf.grad for leaf in leaves]
-
-    ours = grads(DEVICE, None, ternary_linear_triton)
-    ref = grads("cpu", torch.float64, ternary_linear_reference)
-    if act_bits == 8:  # dx is straight-through: the gradient of the unquantized layer
-        ref[0] = grads("cpu", torch.float64, _unquantized(ternary_linear_reference))[0]
-    for name, got, want in zip(["x", "scale", "bias", "down", "up"], ours, ref, strict=False):
-        assert got.dtype == (torch.float32 if name == "scale" else dtype), name
-        assert rel_err(got, want) < 3 * TOLERANCE[dtype], name
+    dy = torch.randn(2, m // 2, n, generator=gen).to(dtype)
+    device = DEVICE if backend == "triton" else "cpu"
+    leaves = [v.to(device).clone().requires_grad_() for v in [x, scale.float(), bias]]
+    leaves += [v.to(device).clone().requires_grad_() for v in ([down, up] if rank else [])]
+    lora = leaves[3:] if rank else [None, None]
+    y = triton_linear(leaves[0], weight.to(device), leaves[1], k, leaves[2], *lora, 0.8, act_bits)
+    y.backward(dy.to(device=device, dtype=y.dtype))
+    ref = float64_grads(x, t, scale, bias, down, up, 0.8, act_bits, dy)
+    for name, leaf, want in zip(["x", "scale", "bias", "down", "up"], leaves, ref, strict=False):
+        assert leaf.grad.dtype == (torch.float32 if name == "scale" else dtype), name
+        assert rel_err(leaf.grad, want) < 3 * TOLERANCE[dtype], name
 
 
-def _unquantized(fn):
-    return lambda *args: fn(*args[:-1], 16)
-
-
-def test_dispatch_uses_reference_off_gpu(monkeypatch):
+def test_backend_choice(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     t, weight, scale = ternary_layer(24, 100, gen)
     x = torch.randn(3, 100, generator=gen)
-    if DEVICE == "cpu":
-        assert dispatch.backend_for(x) == "reference"
+    monkeypatch.delenv("TERNARY_FLUX_BACKEND")
+    cpu = torch.device("cpu")
+    assert plan.plan_linear(3, 24, 100, torch.float32, 16, cpu).path == "reference"
+    assert plan.backend(torch.device(DEVICE), torch.float64) == "reference"  # any device
     monkeypatch.setenv("TERNARY_FLUX_BACKEND", "reference")
-    assert dispatch.backend_for(x.to(DEVICE)) == "reference"
-    y = dispatch.ternary_linear(x, weight.cpu(), scale.cpu(), 100)
+    assert plan.backend(torch.device(DEVICE), torch.bfloat16) == "reference"
+    y = triton_linear(x, weight.cpu(), scale.cpu(), 100)
     assert rel_err(y, expected(x, t, scale)) < TOLERANCE[torch.float32]
     monkeypatch.setenv("TERNARY_FLUX_BACKEND", "fast")
     with pytest.raises(ValueError, match="TERNARY_FLUX_BACKEND"):
-        dispatch.backend_for(x)
+        plan.backend(cpu, torch.float32)
+
+
+def test_gpus_without_tables_get_the_conservative_plan():
+    assert tuning.gpu_family((10, 0)) is None and tuning.gpu_family((12, 0)) is None
+    assert tuning.gpu_family((9, 0)) == "hopper" and tuning.gpu_family((8, 6)) == "ampere"
+    gpu = torch.device("cuda", 0)
+    untuned = plan._plan_linear.__wrapped__
+    for m in (1, 16, 4096):
+        assert untuned(m, 64, 128, torch.bfloat16, 16, gpu, None) == plan.Plan("dense", None)
+        assert untuned(m, 64, 128, torch.float32, 16, gpu, None).path == "reference"
+    assert untuned(16, 64, 120, torch.bfloat16, 8, gpu, None).path == "reference"  # K % 16
+
+
+def test_float64_runs_the_reference_exactly():
+    gen = torch.Generator().manual_seed(6)
+    t, weight, scale = ternary_layer(8, 130, gen)
+    x = torch.randn(2, 130, dtype=torch.float64)
+    y = triton_linear(x, weight.cpu(), scale.cpu().double(), 130)
+    torch.testing.assert_close(y, expected(x, t, scale), rtol=1e-12, atol=1e-12)
 
 
 def test_bad_inputs_have_clear_errors():
@@ -346,27 +397,26 @@ def test_bad_inputs_have_clear_errors():
     _, weight, scale = ternary_layer(8, 130, gen)
     x = torch.randn(2, 130).to(DEVICE)
     with pytest.raises(ValueError, match="does not fit in_features"):
-        ternary_linear_triton(x[:, :120], weight, scale, 120)
+        triton_linear(x[:, :120], weight, scale, 120)
+    with pytest.raises(ValueError, match="input has 120 features, the layer expects 130"):
+        triton_linear(x[:, :120], weight, scale, 130)
     with pytest.raises(ValueError, match="act_bits"):
-        ternary_linear_triton(x, weight, scale, 130, act_bits=4)
-    with pytest.raises(TypeError, match="float64"):
-        ternary_linear_triton(x.double(), weight, scale, 130)
+        triton_linear(x, weight, scale, 130, act_bits=4)
 
 
 def test_autotuning_waits_for_queued_work_before_timing_on_its_own_stream(monkeypatch):
     """Candidates are timed on triton's side stream and write the caller's output, whose
     memory may still be in use by work queued on the caller's stream: sync first."""
     events = []
-    monkeypatch.setattr(triton_ops, "_chosen", {})
-    monkeypatch.setattr(triton_ops.torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    monkeypatch.setattr(triton_launch.torch.cuda, "synchronize", lambda *a: events.append("sync"))
 
     def timed(fn, **kwargs):
         events.append("time")
         fn()
         return float(len(events))  # later candidates look slower: the first one wins
 
-    monkeypatch.setattr(triton_ops.triton.testing, "do_bench_cudagraph", timed)
+    monkeypatch.setattr(triton_launch.triton.testing, "do_bench_cudagraph", timed)
     launched = []
-    chosen = triton_ops._choose(("key",), ["a", "b"], launched.append)
+    chosen = triton_launch._choose(("key",), ("a", "b"), launched.append)
     assert chosen == "a" and launched == ["a", "b"]
     assert events[0] == "sync" and events.count("time") == 2

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from comfyui_ternary_flux.ternary.prompts import (
+from comfyui_ternary_flux.distill.prompts import (
     CATEGORIES,
     COLORS,
     SHAPES,

@@ -13,8 +13,7 @@ import torch
 from comfyui_harness import require_comfyui
 from torch import nn
 
-from comfyui_ternary_flux.ternary.modules import TernaryLinear
-from comfyui_ternary_flux.ternary.report import (
+from comfyui_ternary_flux.ternary.measure import (
     ReportRow,
     format_report,
     measure_step,
@@ -22,6 +21,7 @@ from comfyui_ternary_flux.ternary.report import (
     render_chart,
     weight_bytes,
 )
+from comfyui_ternary_flux.ternary.module import TernaryLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 

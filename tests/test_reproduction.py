@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from comfyui_ternary_flux.ternary.fileformat import load_ternary_file
-from comfyui_ternary_flux.ternary.flux import TINY_FLUX, NotFluxError, random_flux_state_dict
-from comfyui_ternary_flux.ternary.flux_model import (
+from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, NotFluxError, random_flux_state_dict
+from comfyui_ternary_flux.models.flux1_torch import (
     flux_from_state_dict,
     ternary_flux_from_state_dict,
 )
-from comfyui_ternary_flux.ternary.modules import TernaryLinear
+from comfyui_ternary_flux.models.reproduction import CheckpointError, import_reproduction
+from comfyui_ternary_flux.ternary.module import TernaryLinear
 from comfyui_ternary_flux.ternary.packing import unpack_2bit
 from comfyui_ternary_flux.ternary.quantize import ternarize
-from comfyui_ternary_flux.ternary.reproduction import CheckpointError, import_reproduction
 
 CONFIG = TINY_FLUX
 SWAPPED = "final_layer.adaLN_modulation.1"

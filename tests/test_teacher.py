@@ -7,13 +7,12 @@ import pytest
 import torch
 from distill_helpers import PROMPTS, SETTINGS, build_data, teacher_state, tiny_encoder
 
-from comfyui_ternary_flux.ternary.flux_model import flux_from_state_dict
-from comfyui_ternary_flux.ternary.schedule import (
+from comfyui_ternary_flux.distill.schedule import (
     resolution_shift,
     sampling_sigmas,
     shift_time,
 )
-from comfyui_ternary_flux.ternary.teacher import (
+from comfyui_ternary_flux.distill.teacher import (
     TeacherDataError,
     TeacherDataset,
     TeacherSettings,
@@ -22,6 +21,7 @@ from comfyui_ternary_flux.ternary.teacher import (
     read_manifest,
     shard_name,
 )
+from comfyui_ternary_flux.models.flux1_torch import flux_from_state_dict
 
 
 def test_shift_follows_flux_resolution_rule():

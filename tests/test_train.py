@@ -8,17 +8,17 @@ import pytest
 import torch
 from distill_helpers import build_data, tiny_config, write_teacher_file
 
-from comfyui_ternary_flux.ternary.distill_config import (
+from comfyui_ternary_flux.distill.config import (
     DistillConfig,
     DistillConfigError,
     load_config,
 )
-from comfyui_ternary_flux.ternary.fileformat import load_ternary_file
-from comfyui_ternary_flux.ternary.flux_model import ternary_flux_from_state_dict
-from comfyui_ternary_flux.ternary.progress import read_progress
-from comfyui_ternary_flux.ternary.student import load_student
-from comfyui_ternary_flux.ternary.teacher import TeacherDataset
-from comfyui_ternary_flux.ternary.train import distill
+from comfyui_ternary_flux.distill.progress import read_progress
+from comfyui_ternary_flux.distill.student import load_student
+from comfyui_ternary_flux.distill.teacher import TeacherDataset
+from comfyui_ternary_flux.distill.train import distill
+from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
+from comfyui_ternary_flux.models.flux1_torch import ternary_flux_from_state_dict
 
 
 @pytest.fixture(scope="module")

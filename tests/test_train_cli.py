@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from comfyui_ternary_flux.ternary.cli import main
-from comfyui_ternary_flux.ternary.fileformat import load_ternary_file
-from comfyui_ternary_flux.ternary.progress import read_progress
-from comfyui_ternary_flux.ternary.teacher import read_manifest
+from comfyui_ternary_flux.cli.main import main
+from comfyui_ternary_flux.distill.progress import read_progress
+from comfyui_ternary_flux.distill.teacher import read_manifest
+from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
 
 
 def test_teacher_then_distill(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from comfyui_harness import import_comfyui
 
-from comfyui_ternary_flux.ternary.flux import TINY_FLUX, random_flux_state_dict
-from comfyui_ternary_flux.ternary.teacher import TeacherDataset, hashed_prompt_encoder
+from comfyui_ternary_flux.distill.teacher import TeacherDataset, hashed_prompt_encoder
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
 
 import_comfyui()
 

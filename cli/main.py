@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .distill_cli import add_distill_commands
-from .packing import PACKINGS
-from .quantize import SCALE_RULES
+from ..ternary.packing import PACKINGS
+from ..ternary.quantize import SCALE_RULES
+from .distill import add_distill_commands
 
 TINY_SEED = 1234
 
@@ -46,9 +46,9 @@ def _device(name: str) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .convert import quantize_file
-    from .fileformat import StreamingWriter
-    from .flux import TINY_FLUX, random_flux_state_dict
+    from ..models.files import quantize_file
+    from ..models.flux1 import TINY_FLUX, random_flux_state_dict
+    from ..ternary.fileformat import StreamingWriter
 
     device = _device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +80,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_import_reproduction(args: argparse.Namespace) -> int:
-    from .reproduction import import_reproduction
+    from ..models.reproduction import import_reproduction
 
     result = import_reproduction(
         args.base,
@@ -100,18 +100,16 @@ def cmd_import_reproduction(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .fileformat import read_header, validate
+    """Validate a ternary file as the loader does (header, contents and family)."""
+    from ..models.files import load_ternary_model
 
-    metadata, infos = read_header(args.file)
-    layers, packing, lora_rank, config = validate(metadata, infos, Path(args.file).name)
-    print(f"format     ternary-flux v{metadata['format_version']}, packing {packing}")
+    model = load_ternary_model(args.file)
+    meta = model.metadata
+    print(f"format     ternary-flux v{meta['format_version']}, packing {model.stored_packing}")
+    print(f"model      {model.family.describe(model.config)}")
     print(
-        f"model      FLUX, hidden {config.hidden_size}, {config.depth} double + "
-        f"{config.depth_single_blocks} single blocks, guidance {config.guidance_embed}"
-    )
-    print(
-        f"layers     {len(layers)} ternary, LoRA rank {lora_rank}, scale rule "
-        f"{metadata.get('scale_rule', '?')}"
+        f"layers     {len(model.layers)} ternary, LoRA rank {model.lora_rank}, scale rule "
+        f"{meta.get('scale_rule', '?')}"
     )
     print(f"size       {Path(args.file).stat().st_size:,} bytes")
     return 0

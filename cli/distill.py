@@ -15,21 +15,21 @@ from pathlib import Path
 
 import torch
 
-from .convert import flux_tensors
-from .distill_config import DistillConfig, DistillConfigError, load_config, read_settings_file
-from .distributed import DistEnv, init_distributed, shutdown
-from .fileformat import MmapReader
-from .flux import FLUX_DEV, TINY_FLUX, random_flux_state_dict
-from .flux_model import flux_from_state_dict
-from .student import load_student, student_from_tensors
-from .teacher import (
+from ..distill.config import DistillConfig, DistillConfigError, load_config, read_settings_file
+from ..distill.distributed import DistEnv, init_distributed, shutdown
+from ..distill.student import load_student, student_from_tensors
+from ..distill.teacher import (
     TeacherDataset,
     TeacherSettings,
     build_teacher_dataset,
     hashed_prompt_encoder,
     model_velocity_fn,
 )
-from .train import compute_dtype, distill
+from ..distill.train import compute_dtype, distill
+from ..models.files import dense_tensors as file_tensors
+from ..models.flux1 import FLUX_DEV, TINY_FLUX, random_flux_state_dict
+from ..models.flux1_torch import flux_from_state_dict
+from ..ternary.fileformat import MmapReader
 
 RANDOM_PRESETS = {"tiny": TINY_FLUX, "dev": FLUX_DEV}
 TEACHER_KEYS = ("model", "output", "prompts", "prompt_count", "prompt_seed", "device", "dtype")
@@ -52,12 +52,12 @@ def dense_tensors(spec: str, device) -> tuple[dict, Callable[[str], torch.Tensor
         return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
     if not Path(spec).is_file():
         raise FileNotFoundError(f"model file not found: {spec}")
-    shapes, get = flux_tensors(MmapReader(spec))  # stays open for as long as ``get`` lives
+    shapes, get = file_tensors(MmapReader(spec))  # stays open for as long as ``get`` lives
     return {k: s for k, (_, s) in shapes.items()}, get
 
 
 def teacher_prompts(values: dict, base: Path) -> list[str]:
-    from .prompts import generate_prompts, read_prompt_file
+    from ..distill.prompts import generate_prompts, read_prompt_file
 
     if "prompts" in values:
         source = values["prompts"]

@@ -1,5 +1,6 @@
-"""FLUX (BFL / ComfyUI key names): which linears are quantized, architecture detection,
-and tiny FLUX-architecture models made from a seed for tests and the default CLI job."""
+"""FLUX.1 (dev, schnell, Kontext, Krea and fine-tunes with the same keys), in BFL / ComfyUI key
+names: its configuration, detection from shapes, which linears become ternary, every
+tensor's shape, and the presets used by tests, benchmarks and the default CLI job."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .family import Family, ModelFamilyError, Shapes, block_indices, random_weights
+
 # Every linear inside the double and single blocks, modulation included.
 _BLOCK_LINEAR = re.compile(
     r"^(double_blocks\.\d+\.(img|txt)_(mod\.lin|attn\.qkv|attn\.proj|mlp\.0|mlp\.2)"
     r"|single_blocks\.\d+\.(linear1|linear2|modulation\.lin))$"
 )
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _REQUIRED = (
     "img_in.weight",
     "txt_in.weight",
@@ -30,7 +32,7 @@ _KEY_NORM = (
 )
 
 
-class NotFluxError(ValueError):
+class NotFluxError(ModelFamilyError):
     """The weights are not a FLUX.1 diffusion model in BFL / ComfyUI naming."""
 
 
@@ -39,17 +41,9 @@ def is_block_linear(module_name: str) -> bool:
     return _BLOCK_LINEAR.match(module_name) is not None
 
 
-def strip_prefix(key: str) -> str:
-    """Drop the ``model.diffusion_model.`` / ``diffusion_model.`` prefix of full checkpoints."""
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
 @dataclass(frozen=True)
 class FluxConfig:
-    """The shape of a FLUX model, as ComfyUI's detection reads it from the weights."""
+    """The shape of a FLUX.1 model, as ComfyUI's detection reads it from the weights."""
 
     hidden_size: int = 3072
     num_heads: int = 24
@@ -70,15 +64,21 @@ class FluxConfig:
 
 
 FLUX_DEV = FluxConfig()
+FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 TINY_FLUX = FluxConfig(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
 
 
-def detect_config(shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
+def claims(shapes: Shapes) -> bool:
+    """FLUX.1's own keys: the vector_in embedder and per-block image modulation."""
+    return "vector_in.in_layer.weight" in shapes and "double_blocks.0.img_mod.lin.weight" in shapes
+
+
+def detect_config(shapes: Shapes) -> FluxConfig:
     """Read a FluxConfig from {key: logical shape}; raise NotFluxError naming what is missing.
 
-    Keys may carry a checkpoint prefix. Shapes must be logical ([out, in] for linears).
+    Keys must be in BFL / ComfyUI names without a checkpoint prefix; shapes must be logical
+    ([out, in] for linears).
     """
-    shapes = {strip_prefix(k): tuple(v) for k, v in shapes.items()}
     missing = [k for k in _REQUIRED if k not in shapes]
     key_norm = next((k for k in _KEY_NORM if k in shapes), None)
     if key_norm is None:
@@ -89,31 +89,51 @@ def detect_config(shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
             + ", ".join(missing[:4])
             + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         )
-    hidden, in_channels = shapes["img_in.weight"]
-    head_dim = shapes[key_norm][0]
-    doubles = {int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks.")}
-    singles = {int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")}
-    for kind, found in (("double", doubles), ("single", singles)):
-        if found and found != set(range(max(found) + 1)):
-            gaps = sorted(set(range(max(found) + 1)) - found)
-            raise NotFluxError(f"not a complete FLUX model: {kind} blocks {gaps[:4]} are missing")
-    depth = max(doubles) + 1
-    mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-    return FluxConfig(
+    try:
+        hidden, in_channels = shapes["img_in.weight"]
+        (head_dim,) = shapes[key_norm]
+        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        context_in_dim = shapes["txt_in.weight"][1]
+        vec_in_dim = shapes["vector_in.in_layer.weight"][1]
+    except (ValueError, IndexError):
+        raise NotFluxError("not a FLUX.1 diffusion model: its embedders have odd shapes") from None
+    try:
+        depth = block_indices(shapes, "double_blocks", "double")
+        singles = block_indices(shapes, "single_blocks", "single")
+    except ModelFamilyError as err:
+        raise NotFluxError(str(err)) from None
+    if head_dim < 1 or hidden % head_dim:
+        raise NotFluxError(f"not a FLUX.1 model: hidden size {hidden} and head size {head_dim}")
+    config = FluxConfig(
         hidden_size=hidden,
         num_heads=hidden // head_dim,
         depth=depth,
-        depth_single_blocks=max(singles) + 1 if singles else 0,
+        depth_single_blocks=singles,
         in_channels=in_channels,
-        context_in_dim=shapes["txt_in.weight"][1],
-        vec_in_dim=shapes["vector_in.in_layer.weight"][1],
+        context_in_dim=context_in_dim,
+        vec_in_dim=vec_in_dim,
         mlp_ratio=mlp_hidden / hidden,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
+    _check_shapes(config, shapes)
+    return config
+
+
+def _check_shapes(config: FluxConfig, shapes: Shapes) -> None:
+    """Every expected tensor present with its shape: a file cannot claim one size in its
+    embedders and hold another in its blocks."""
+    for key, shape in flux_shapes(config).items():
+        got = shapes.get(key)
+        if got is None and key.endswith("_norm.scale"):
+            got = shapes.get(key[: -len("scale")] + "weight")
+        if got is None:
+            raise NotFluxError(f"not a complete FLUX.1 model: {key} is missing")
+        if tuple(got) != shape:
+            raise NotFluxError(f"{key} has shape {list(got)}, expected {list(shape)} for FLUX.1")
 
 
 def flux_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a FLUX model of this config: {BFL key: shape}."""
+    """Every tensor of a FLUX.1 model of this config: {BFL key: shape}."""
     h, mlp, head = config.hidden_size, config.mlp_hidden, config.hidden_size // config.num_heads
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -158,19 +178,26 @@ def random_flux_state_dict(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """A FLUX model of this config with weights drawn from a seed (tests, benchmarks, CLI).
+    """A FLUX.1 model of this config with weights drawn from a seed (tests, benchmarks, CLI)."""
+    return random_weights(flux_shapes(config), seed, dtype, device)
 
-    Linear weights are N(0, 1/fan_in) so activations keep their size through the blocks;
-    biases are small; RMSNorm scales are 1.
-    """
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for key, shape in flux_shapes(config).items():
-        if key.endswith(".scale"):
-            tensor = torch.ones(shape, device=device)
-        elif key.endswith(".bias"):
-            tensor = 0.02 * torch.randn(shape, generator=gen, device=device)
-        else:
-            tensor = torch.randn(shape, generator=gen, device=device) / shape[1] ** 0.5
-        state[key] = tensor.to(dtype)
-    return state
+
+def describe(config: FluxConfig) -> str:
+    variant = "dev" if config.guidance_embed else "schnell"
+    return (
+        f"FLUX.1 ({variant}-like), hidden {config.hidden_size}, {config.depth} double + "
+        f"{config.depth_single_blocks} single blocks"
+    )
+
+
+FAMILY = Family(
+    name="flux",
+    title="FLUX.1",
+    claims=claims,
+    detect=detect_config,
+    is_ternary=is_block_linear,
+    shapes=flux_shapes,
+    describe=describe,
+    latent_channels=lambda config: config.in_channels // 4,
+    presets={"dev": FLUX_DEV, "schnell": FLUX_SCHNELL, "tiny": TINY_FLUX},
+)

@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .convert import flux_tensors
-from .fileformat import MmapReader, load_ternary_file
-from .flux import detect_config, is_block_linear
-from .flux_model import FluxTransformer, ternary_flux_from_state_dict
-from .modules import TernaryLinear
+from ..models.files import dense_tensors, load_ternary_model
+from ..models.flux1 import detect_config, is_block_linear
+from ..models.flux1_torch import FluxTransformer, ternary_flux_from_state_dict
+from ..ternary.fileformat import FORMAT_NAME, MmapReader
+from ..ternary.module import TernaryLinear
 
 
 def student_from_tensors(
@@ -68,8 +68,8 @@ def load_student(
     """Student from a dense FLUX safetensors file (quantized here) or a ternary-flux v1 file
     (used as it is; its LoRA rank must equal ``lora_rank``)."""
     with MmapReader(path) as reader:
-        if reader.metadata.get("format") != "ternary-flux":
-            shapes, get = flux_tensors(reader)
+        if reader.metadata.get("format") != FORMAT_NAME:
+            shapes, get = dense_tensors(reader)
             return student_from_tensors(
                 {k: s for k, (_, s) in shapes.items()},
                 get,
@@ -79,7 +79,7 @@ def load_student(
                 device,
                 gradient_checkpointing,
             )
-    ckpt = load_ternary_file(path, device)
+    ckpt = load_ternary_model(path, device)
     if ckpt.lora_rank != lora_rank:
         raise ValueError(
             f"{path} has LoRA rank {ckpt.lora_rank}, the config asks for {lora_rank}; "
@@ -114,16 +114,3 @@ def prepare_for_training(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]
             param.requires_grad_(True)
             groups[group][f"{name}.{attr}"] = param
     return groups
-
-
-def export_tensors(
-    model: nn.Module, dtype: torch.dtype = torch.bfloat16
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
-    """(tensors, layers) of a format-v1 file (2bit packing): floats in ``dtype`` except the
-    float32 scales and alphas."""
-    layers = {n: (m.out_features, m.in_features) for n, m in ternary_layers(model).items()}
-    tensors = {}
-    for key, value in model.state_dict().items():
-        keep = value.dtype == torch.uint8 or key.endswith((".weight_scale", ".lora_alpha"))
-        tensors[key] = (value if keep else value.to(dtype)).detach().cpu().contiguous()
-    return tensors, layers

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .flux import FluxConfig, detect_config, is_block_linear
-from .modules import TernaryLinear
+from ..ternary.module import TernaryLinear
+from .flux1 import FluxConfig, detect_config, is_block_linear
 
 PATCH = 2
 THETA = 10000
@@ -314,7 +314,7 @@ def flux_from_state_dict(
     gradient_checkpointing: bool = False,
 ) -> FluxTransformer:
     """A dense FLUX model holding these BFL-named weights (prefixes allowed)."""
-    from .flux import strip_prefix
+    from .files import strip_prefix
 
     state_dict = {strip_prefix(k): v for k, v in state_dict.items()}
     config = detect_config({k: tuple(v.shape) for k, v in state_dict.items()})

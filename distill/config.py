@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .quantize import SCALE_RULES
+from ..ternary.quantize import SCALE_RULES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Settings that change the result: a resumed run must use the same values.

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import atomic_path, write_json_atomic
+from ..ternary.atomic import atomic_path, write_json_atomic
 
 LOG = "log.jsonl"
 STATUS = "status.json"

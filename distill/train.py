@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .atomic import atomic_path
-from .distill_config import DistillConfig
+from ..ternary.atomic import atomic_path
+from ..ternary.fileformat import save_ternary_file
+from ..ternary.module import export_tensors
+from .config import DistillConfig
 from .distributed import DistEnv
-from .fileformat import save_ternary_file
 from .progress import ProgressLog
 from .schedule import derived_seed
-from .student import export_tensors, prepare_for_training
+from .student import prepare_for_training
 from .teacher import TeacherDataset
 
 CHECKPOINT = "checkpoint.pt"
@@ -216,7 +217,7 @@ def distill(
             return DistillResult(step, losses, None)
 
     if env.is_main:
-        tensors, layers = export_tensors(student)
+        tensors, layers, _ = export_tensors(student, dense=lambda dtype: torch.bfloat16)
         save_ternary_file(
             output,
             tensors,

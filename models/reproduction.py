@@ -27,17 +27,18 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .convert import Progress, diffusion_model_keys, flux_tensors
-from .fileformat import MmapReader, StreamingWriter, build_metadata
-from .flux import detect_config, is_block_linear, strip_prefix
-from .packing import pack, packed_shape
-from .quantize import ternarize
+from ..ternary.convert import LayerPlan, Progress, convert, plan_entries, write_converted
+from ..ternary.fileformat import MmapReader, build_metadata
+from ..ternary.packing import pack
+from ..ternary.quantize import ternarize
+from .files import dense_tensors, diffusion_model_keys, strip_prefix
+from .flux1 import FAMILY, detect_config, is_block_linear
 
 # BFL module (inside a block) -> its diffusers linears, in BFL row order.
 _DOUBLE_BLOCK = {
@@ -224,63 +225,39 @@ def _gather(
     return scale, down, up
 
 
-def _entries(
-    shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-    linears: dict[str, _Linear],
-    rank: int,
-    lora_dtype: torch.dtype,
-    packing: str,
-) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Every output tensor (key -> (dtype, shape)) in file order."""
-    entries = {}
-    for key, (_, shape) in shapes.items():
-        lin = linears.get(key[: -len(".weight")]) if key.endswith(".weight") else None
-        if lin is None or not lin.ternary:
-            entries[key] = (_OUT_DTYPE, shape)
-            continue
-        n, k = shape
-        entries[f"{lin.module}.weight"] = (torch.uint8, packed_shape(packing, n, k))
-        entries[f"{lin.module}.weight_scale"] = (torch.float32, (n,))
-        if rank:
-            r = rank * len(lin.parts)
-            entries[f"{lin.module}.lora_down"] = (lora_dtype, (r, k))
-            entries[f"{lin.module}.lora_up"] = (lora_dtype, (n, r))
-            entries[f"{lin.module}.lora_alpha"] = (torch.float32, ())
-    return entries
+def _layer_plans(linears: dict[str, _Linear], rank: int, lora_dtype) -> dict[str, LayerPlan]:
+    """The ternary layers of the import (fused layers carry S slices' LoRAs: rank S r)."""
+    return {
+        lin.module: LayerPlan(sum(lin.rows), lin.in_features, rank * len(lin.parts), lora_dtype)
+        for lin in linears.values()
+        if lin.ternary
+    }
 
 
-def _convert(
-    get: Callable[[str], torch.Tensor],
-    keys: list[str],
-    linears: dict[str, _Linear],
-    state: dict[str, torch.Tensor],
-    rank: int,
-    packing: str,
-    progress: Progress | None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield output (key, tensor) pairs in :func:`_entries` order, one base tensor at a time."""
-    for i, key in enumerate(keys):
-        tensor = get(key)
-        lin = linears.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+class _Converter:
+    """make_layer and dense of the conversion loop: T from the base, the rest from the .pt."""
+
+    def __init__(self, linears: dict[str, _Linear], state, rank: int, packing: str) -> None:
+        self.linears, self.state, self.rank, self.packing = linears, state, rank, packing
+
+    def make_layer(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, _ = ternarize(weight, "absmean")
+        scale, down, up = _gather(self.state, self.linears[module], self.rank)
+        parts = {"weight": pack(t, self.packing), "weight_scale": scale}
+        if self.rank:
+            parts.update(lora_down=down, lora_up=up, lora_alpha=torch.tensor(float(down.shape[0])))
+        return parts
+
+    def dense(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        lin = self.linears.get(key[: -len(".weight")]) if key.endswith(".weight") else None
         if lin is None:
-            yield key, tensor.to(_OUT_DTYPE)
-        else:
-            t, _ = ternarize(tensor, "absmean")
-            scale, down, up = _gather(state, lin, rank)
-            if lin.ternary:
-                yield f"{lin.module}.weight", pack(t, packing)
-                yield f"{lin.module}.weight_scale", scale
-                if rank:
-                    yield f"{lin.module}.lora_down", down
-                    yield f"{lin.module}.lora_up", up
-                    yield f"{lin.module}.lora_alpha", torch.tensor(float(down.shape[0]))
-            else:
-                dense = t.float() * scale[:, None]
-                if rank:
-                    dense += up.float() @ down.float()
-                yield key, dense.to(_OUT_DTYPE)
-        if progress:
-            progress(i + 1, len(keys), key)
+            return tensor.to(_OUT_DTYPE)
+        t, _ = ternarize(tensor, "absmean")
+        scale, down, up = _gather(self.state, lin, self.rank)
+        dense = t.float() * scale[:, None]
+        if self.rank:
+            dense += up.float() @ down.float()
+        return dense.to(_OUT_DTYPE)
 
 
 def import_reproduction(
@@ -307,7 +284,7 @@ def import_reproduction(
         if out_path.resolve() in (base_path.resolve(), checkpoint_path.resolve()):
             raise ValueError("the output must not be one of the input files")
     with MmapReader(base_path) as reader:
-        shapes, get = flux_tensors(reader)
+        shapes, get = dense_tensors(reader)
         return _import(
             shapes,
             get,
@@ -367,27 +344,28 @@ def _import(
     rank = _check_checkpoint(state, linears, checkpoint_path.name)
     lora_dtype = next(iter(state.values())).dtype
     by_module = {lin.module: lin for lin in linears}
-    layers = {lin.module: (sum(lin.rows), lin.in_features) for lin in linears if lin.ternary}
+    plans = _layer_plans(by_module, rank, lora_dtype)
+    layers = {module: (p.n, p.k) for module, p in plans.items()}
     metadata = build_metadata(
         layers,
         packing,
         rank,
         "absmean",
-        {
+        architecture=FAMILY.name,
+        extra={
             "source": source,
-            "architecture": "flux",
             "imported_from": f"1.58bit-flux reproduction: {checkpoint_path.name}",
         },
     )
     result = ReproductionImport(layers, rank, metadata)
-    loop = _convert(
-        lambda key: get(names[key]), list(names), by_module, state, rank, packing, progress
-    )
+    converter = _Converter(by_module, state, rank, packing)
+    loop = convert(
+        list(names), lambda key: get(names[key]), plans, converter.make_layer, converter.dense,
+        progress,
+    )  # fmt: skip
     if out_path is None:
         result.tensors = dict(loop)
         return result
-    entries = _entries(shapes, by_module, rank, lora_dtype, packing)
-    with StreamingWriter(out_path, entries, metadata, overwrite=overwrite) as writer:
-        for key, tensor in loop:
-            writer.write(key, tensor)
+    entries = plan_entries(shapes, plans, packing, dense=lambda key, dtype: _OUT_DTYPE)
+    write_converted(out_path, entries, metadata, loop, overwrite=overwrite)
     return result

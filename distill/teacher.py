@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path, write_json_atomic
+from ..ternary.atomic import atomic_path, write_json_atomic
 from .schedule import (
     derived_seed,
     resolution_shift,
@@ -40,7 +40,6 @@ from .schedule import (
 FORMAT_NAME = "ternary-flux-teacher"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-LATENT_CHANNELS = 16
 
 # encode(prompt) -> (context [L, D], pooled [P])
 Encoder = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
@@ -65,12 +64,13 @@ class TeacherSettings:
     seed: int = 0
     shard_size: int = 16
     storage_dtype: str = "bfloat16"
+    latent_channels: int = 16  # of the model family's latent space (FLUX.1: 16)
 
     def __post_init__(self) -> None:
         mu = resolution_shift(self.width, self.height)  # also checks the resolution
         mu = mu if self.shift is None else self.shift
         object.__setattr__(self, "shift", float(mu))
-        for name in ("steps", "points_per_prompt", "shard_size"):
+        for name in ("steps", "points_per_prompt", "shard_size", "latent_channels"):
             if getattr(self, name) < 1:
                 raise TeacherDataError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.storage_dtype not in ("bfloat16", "float16", "float32"):
@@ -80,7 +80,7 @@ class TeacherSettings:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return (LATENT_CHANNELS, self.height // 8, self.width // 8)
+        return (self.latent_channels, self.height // 8, self.width // 8)
 
     @classmethod
     def from_dict(cls, values: dict) -> TeacherSettings:
@@ -189,6 +189,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 def _check_same_build(directory: Path, described: dict) -> None:
     """A resumed build must use the settings and prompts it started with."""
     old = read_manifest(directory)
+    old["settings"] = asdict(TeacherSettings.from_dict(old["settings"]))  # older: defaults
     for key in ("settings", "prompts"):
         if old[key] != described[key]:
             if key == "prompts":

@@ -3,11 +3,18 @@ bias and an optional LoRA branch, all as its own direct parameters and buffers."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from ..kernels.dispatch import ternary_linear
-from .packing import packed_shape, unpack_2bit
+from ..kernels.layout import PAD_BYTE, packed_width, unpack_2bit
+from ..kernels.op import ternary_linear
+from ..kernels.weight import LoraBranch, TernaryWeight
+from .convert import dense_dtype
+from .fileformat import layer_entries
+from .packing import pack
+from .quantize import quantize_layer
 
 
 class TernaryLinear(nn.Module):
@@ -35,8 +42,10 @@ class TernaryLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.act_bits = 16
-        shape = packed_shape("2bit", out_features, in_features)
-        self.register_buffer("weight", torch.full(shape, 0x55, dtype=torch.uint8, device=device))
+        shape = (out_features, packed_width(in_features))
+        self.register_buffer(
+            "weight", torch.full(shape, PAD_BYTE, dtype=torch.uint8, device=device)
+        )
         self.weight_scale = nn.Parameter(torch.ones(out_features, device=device))
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -86,9 +95,8 @@ class TernaryLinear(nn.Module):
         scale_rule: str = "absmean",
         dtype: torch.dtype | None = None,
     ) -> TernaryLinear:
-        """Quantize a dense [N, K] weight; a LoRA branch, if asked for, fits the residual."""
-        from .convert import quantize_layer  # the one per-layer quantizer (files use it too)
-
+        """Quantize a dense [N, K] weight (the one per-layer quantizer that files use too); a
+        LoRA branch, if asked for, fits the residual."""
         if dtype is None:
             sixteen = (torch.float16, torch.bfloat16, torch.float32)
             dtype = weight.dtype if weight.dtype in sixteen else torch.bfloat16
@@ -117,21 +125,59 @@ class TernaryLinear(nn.Module):
         """alpha / r, the LoRA branch's multiplier (0 without a LoRA)."""
         return self._lora_scale
 
+    def ternary_weight(self) -> TernaryWeight:
+        return TernaryWeight(self.weight, self.weight_scale, self.in_features)
+
+    def lora_branch(self) -> LoraBranch | None:
+        if self.lora_down is None:
+            return None
+        return LoraBranch(self.lora_down, self.lora_up, self._lora_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ternary_linear(
-            x,
-            self.weight,
-            self.weight_scale,
-            self.in_features,
-            self.bias,
-            self.lora_down,
-            self.lora_up,
-            self.lora_scale,
-            self.act_bits,
+            x, self.ternary_weight(), self.bias, self.lora_branch(), self.act_bits
         )
+
+    def file_tensors(self, packing: str = "2bit") -> dict[str, torch.Tensor]:
+        """This layer's tensors in the file format's layer schema (ternary/fileformat.py),
+        bias apart (it is stored as it is); CPU tensors."""
+        entries = layer_entries(self.out_features, self.in_features, packing, self.lora_rank)
+        weight = self.weight.detach().cpu()
+        if packing != "2bit":
+            weight = pack(unpack_2bit(weight, self.in_features), packing)
+        values = {"weight": weight, "weight_scale": self.weight_scale, "lora_alpha": None}
+        if self.lora_rank:
+            values.update(lora_down=self.lora_down, lora_up=self.lora_up)
+            values["lora_alpha"] = self.lora_alpha
+        return {
+            suffix: values[suffix].detach().to("cpu", dtype).reshape(shape).contiguous()
+            for suffix, (dtype, shape) in entries.items()
+        }
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, lora_rank={self.lora_rank}, act_bits={self.act_bits}"
         )
+
+
+def export_tensors(
+    model: nn.Module,
+    packing: str = "2bit",
+    dense: Callable[[torch.dtype], torch.dtype] = dense_dtype,
+    key: Callable[[str], str] = lambda name: name,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]], int]:
+    """(tensors, layers, LoRA rank) of a model holding TernaryLinear layers, for a v1 file:
+    the layers through :meth:`TernaryLinear.file_tensors`, every other tensor in ``dense``
+    of its dtype, keys renamed by ``key``."""
+    ternary = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    tensors = {}
+    for name, value in model.state_dict().items():
+        module, _, suffix = name.rpartition(".")
+        if module in ternary and suffix == "weight":
+            for part, tensor in ternary[module].file_tensors(packing).items():
+                tensors[key(f"{module}.{part}")] = tensor
+        elif module not in ternary or suffix == "bias":
+            tensors[key(name)] = value.detach().to("cpu", dense(value.dtype)).contiguous()
+    layers = {key(n): (m.out_features, m.in_features) for n, m in ternary.items()}
+    return tensors, layers, max((m.lora_rank for m in ternary.values()), default=0)

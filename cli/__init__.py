@@ -1,0 +1,1 @@
+"""The command line: ``python -m comfyui_ternary_flux <command>``."""

@@ -1,0 +1,1 @@
+"""Distillation: teacher data sets, the student, the trainer, torchrun, job progress."""

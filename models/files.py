@@ -1,0 +1,227 @@
+"""Model files, family-aware: dense sources read under BFL / ComfyUI names, quantized with the
+one conversion loop, and ternary files read back with their family checked.
+
+The ternary format (ternary/fileformat.py) knows no model; here a file's ``architecture``
+is looked up in models/registry.py, or a source's family is detected from its shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..ternary.convert import (
+    LayerPlan,
+    Progress,
+    QuantizeReport,
+    convert,
+    plan_entries,
+    write_converted,
+)
+from ..ternary.fileformat import (
+    FORMAT_NAME,
+    MmapReader,
+    TernaryFile,
+    TernaryFormatError,
+    build_metadata,
+    dtype_from_name,
+    read_ternary_file,
+)
+from ..ternary.quantize import quantize_layer
+from .family import Family, ModelFamilyError
+from .registry import detect_family, family_named
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+Shapes = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def strip_prefix(key: str) -> str:
+    """Drop the ``model.diffusion_model.`` / ``diffusion_model.`` prefix of full checkpoints."""
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def diffusion_model_keys(keys: list[str]) -> list[str]:
+    """Keys of the diffusion model in a file that may also hold VAE / text encoders."""
+    prefixed = [k for k in keys if k.startswith(PREFIXES)]
+    return prefixed or keys
+
+
+def dense_tensors(reader: MmapReader) -> tuple[Shapes, Callable[[str], torch.Tensor]]:
+    """(shapes, get) of the diffusion model in a dense file, under BFL names: the
+    ``model.diffusion_model.`` prefix dropped, VAE / text-encoder keys left out.
+
+    Refuses ternary files and scaled-fp8 / mixed-precision checkpoints with a message."""
+    if reader.metadata.get("format") == FORMAT_NAME:
+        raise TernaryFormatError(
+            f"{reader.path.name} is already ternary (a {FORMAT_NAME} file): nothing to quantize"
+        )
+    names = {strip_prefix(k): k for k in diffusion_model_keys(list(reader.infos))}
+    shapes = {}
+    for key, name in names.items():
+        dtype_name, shape = reader.infos[name]
+        shapes[key] = (dtype_from_name(dtype_name), shape)
+    scaled = [k for k in shapes if k.endswith((".scale_weight", ".comfy_quant", ".input_scale"))]
+    if scaled:
+        raise ValueError(
+            f"{reader.path.name} is a scaled-fp8 / mixed-precision checkpoint ({scaled[0]}); "
+            "quantize from the bf16 or fp16 file, or load it in ComfyUI and use the Quantize node"
+        )
+    return shapes, lambda key: reader.get(names[key])
+
+
+def logical(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    return {k: s for k, (_, s) in shapes.items()}
+
+
+@dataclass
+class TernaryModel(TernaryFile):
+    """A loaded ternary file with its family and configuration."""
+
+    family: Family | None = None
+    config: Any = None
+
+
+def file_family(name: str, layout) -> tuple[Family, Any]:
+    """The family of a valid v1 file: the one its header names (checked against its shapes),
+    or for older files without a name the one its shapes match."""
+    try:
+        if layout.architecture is None:
+            family, config = detect_family(layout.logical_shapes)
+        else:
+            family = family_named(layout.architecture)
+            config = family.detect(layout.logical_shapes)
+    except ModelFamilyError as err:
+        raise TernaryFormatError(f"{name}: {err}") from None
+    unexpected = sorted(layer for layer in layout.layers if not family.is_ternary(layer))
+    if unexpected:
+        raise TernaryFormatError(
+            f"{name}: {unexpected[0]} is stored ternary, but {family.title} keeps it 16-bit"
+        )
+    return family, config
+
+
+def load_ternary_model(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> TernaryModel:
+    """Read a ternary file, check its contents and its family (what every loader uses: the
+    ComfyUI node, the student loader, ``info``)."""
+    path = Path(path)
+    found = []
+    loaded = read_ternary_file(
+        path,
+        device,
+        on_tensor,
+        check_layout=lambda layout: found.append(file_family(path.name, layout)),
+    )
+    family, config = found[0]
+    return TernaryModel(loaded.state_dict, loaded.layout, loaded.metadata, family, config)
+
+
+def ternary_layers(family: Family, shapes: Shapes, lora_rank: int) -> dict[str, LayerPlan]:
+    """The layers of a dense source that become ternary."""
+    layers = {}
+    for key, (_, shape) in shapes.items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and family.is_ternary(module):
+            layers[module] = LayerPlan(shape[0], shape[1], lora_rank)
+    return layers
+
+
+class _Quantizer:
+    """make_layer for the conversion loop: the one per-layer quantizer, errors reported."""
+
+    def __init__(self, report, lora_rank, scale_rule, packing, device) -> None:
+        self.report, self.lora_rank, self.scale_rule = report, lora_rank, scale_rule
+        self.packing, self.device = packing, device
+
+    def __call__(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            parts, error = quantize_layer(
+                weight.to(self.device), self.lora_rank, self.scale_rule, self.packing
+            )
+        except ValueError as err:
+            raise ValueError(f"{module}: {err}") from None
+        error.name = module
+        self.report.layers.append(error)
+        return parts
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    lora_rank: int = 0,
+    scale_rule: str = "absmean",
+    packing: str = "2bit",
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]], QuantizeReport]:
+    """Quantize an in-memory state dict of a known family: (v1 tensors, layers, report).
+
+    Raises ModelFamilyError when the weights are not a model of a known family.
+    """
+    start = time.perf_counter()
+    state = {strip_prefix(k): v for k, v in state_dict.items()}
+    shapes = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    family, config = detect_family(logical(shapes))
+    layers = ternary_layers(family, shapes, lora_rank)
+    report = QuantizeReport(family.describe(config))
+    report.count_source(shapes, layers)
+    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device)
+    out = dict(convert(list(state), state.__getitem__, layers, quantizer, progress=progress))
+    report.bytes_after = sum(t.numel() * t.element_size() for t in out.values())
+    report.seconds = time.perf_counter() - start
+    return out, {m: (p.n, p.k) for m, p in layers.items()}, report
+
+
+def quantize_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    lora_rank: int = 0,
+    scale_rule: str = "absmean",
+    packing: str = "base3",
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> QuantizeReport:
+    """Stream a dense safetensors file of a known family into a v1 ternary file."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise ValueError("the output must not be the source file")
+    if lora_rank < 0:
+        raise ValueError(f"LoRA rank must be 0 (none) or more, got {lora_rank}")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    with MmapReader(src) as reader:
+        shapes, get = dense_tensors(reader)
+        family, config = detect_family(logical(shapes))
+        layers = ternary_layers(family, shapes, lora_rank)
+        report = QuantizeReport(family.describe(config))
+        report.count_source(shapes, layers)
+        meta = build_metadata(
+            {m: (p.n, p.k) for m, p in layers.items()},
+            packing,
+            lora_rank,
+            scale_rule,
+            architecture=family.name,
+            extra={"source": src.name},
+        )
+        quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device)
+        loop = convert(list(shapes), get, layers, quantizer, progress=progress)
+        entries = plan_entries(shapes, layers, packing)
+        write_converted(dst, entries, meta, loop, overwrite=overwrite)
+    report.bytes_after = dst.stat().st_size
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return report
