@@ -82,14 +82,15 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with its weight named ``scale`` (BFL key); eps as torch.nn.RMSNorm (None)."""
+    """RMSNorm with its weight named ``scale`` (BFL key); eps 1e-6 as BFL, ComfyUI and
+    diffusers."""
 
     def __init__(self, dim: int, dtype=None, device=None) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.scale.to(x.dtype))
+        return F.rms_norm(x, (x.shape[-1],), self.scale.to(x.dtype), eps=1e-6)
 
 
 class QKNorm(nn.Module):

@@ -171,3 +171,13 @@ def test_odd_latent_size_is_refused():
     batch = inputs(batch=1, height=7)
     with pytest.raises(ValueError, match="even"):
         model(**batch)
+
+
+def test_rms_norm_uses_the_eps_of_bfl_and_comfyui():
+    """eps = 1e-6 (BFL, ComfyUI, diffusers): visible on inputs whose mean square is near it."""
+    from comfyui_ternary_flux.models.flux1_torch import RMSNorm
+
+    x = torch.full((2, 8), 1e-3, dtype=torch.float64)
+    norm = RMSNorm(8, dtype=torch.float64)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=0)
