@@ -114,9 +114,11 @@ def load_ternary_model(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
     on_tensor: Callable[[int, int], None] | None = None,
+    convert_device: torch.device | str | None = None,
 ) -> TernaryModel:
     """Read a ternary file, check its contents and its family (what every loader uses: the
-    ComfyUI node, the student loader, ``info``)."""
+    ComfyUI node, the student loader, ``info``); base3 weights are converted to the 2bit
+    layout on ``convert_device`` (default ``device``)."""
     path = Path(path)
     found = []
     loaded = read_ternary_file(

@@ -475,12 +475,14 @@ def read_ternary_file(
     device: torch.device | str = "cpu",
     on_tensor: Callable[[int, int], None] | None = None,
     check_layout: Callable[[FileLayout], object] | None = None,
+    convert_device: torch.device | str | None = None,
 ) -> TernaryFile:
     """Read and validate a v1 file; weights come back in the 2bit compute layout.
 
     Every tensor's contents are checked as it is read (finite floats, valid packed codes),
     so a file this returns is one the model can run. Which model family it holds is for the
     caller (models/files.py) to check, with ``check_layout`` before any tensor is read.
+    base3 weights are converted to 2bit on ``convert_device`` (default: ``device``).
     """
     path = Path(path)
     with MmapReader(path) as reader:
@@ -494,10 +496,9 @@ def read_ternary_file(
             check_finite(key, tensor, path.name)
             if key in weights:
                 _check_codes(key, tensor, layout.packing, path.name)
-            tensor = tensor.to(device)
             if key in weights and layout.packing == "base3":
-                tensor = base3_to_2bit(tensor, weights[key])
-            state[key] = tensor
+                tensor = base3_to_2bit(tensor.to(convert_device or device), weights[key])
+            state[key] = tensor.to(device)
             if on_tensor is not None:
                 on_tensor(i + 1, len(reader.infos))
     return TernaryFile(state, layout, dict(reader.metadata))

@@ -395,3 +395,69 @@ def test_every_input_of_every_node_has_a_tooltip():
         if not (item.tooltip or "").strip()
     ]
     assert not missing, f"inputs without a tooltip: {missing}"
+
+
+def sample(patcher, steps: int = 2, seed: int = 0) -> torch.Tensor:
+    """ComfyUI's own sampling, as KSampler runs it (euler / simple, cfg 1), 64x64."""
+    import comfy.sample
+
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, 5, TINY_FLUX.context_in_dim, generator=gen)
+    pooled = torch.randn(1, TINY_FLUX.vec_in_dim, generator=gen)
+    positive = [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+    latent = torch.zeros(1, 16, 8, 8)
+    noise = torch.randn(latent.shape, generator=gen)
+    with torch.inference_mode():
+        return comfy.sample.sample(
+            patcher, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
+            disable_pbar=True, seed=seed,
+        )  # fmt: skip
+
+
+def test_ternary_models_use_the_legacy_patcher_under_dynamic_vram(quantized, monkeypatch):
+    """Dynamic VRAM copies non-cast tensors again on every load: ternary MODELs are legacy
+    ModelPatchers whatever ComfyUI's default patcher is, so they stay resident."""
+    import comfy.model_patcher
+
+    class DynamicDefault(comfy.model_patcher.ModelPatcher):
+        pass
+
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", DynamicDefault)
+    tensors, _ = quantized
+    patcher = patcher_from_state_dict(tensors)
+    assert type(patcher) is comfy.model_patcher.ModelPatcher
+    dense = comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=1))
+    assert type(dense) is DynamicDefault  # ComfyUI's own models are unaffected
+
+
+def compiled_sample(patcher) -> tuple[torch.Tensor, int]:
+    """Latents of sampling through TorchCompileModel (inductor), and dynamo's graph breaks."""
+    import torch._dynamo
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    out = sample(TorchCompileModel.execute(patcher, "inductor").args[0])
+    return out, sum(counters["graph_break"].values())
+
+
+def test_torch_compile_model_node_on_an_in_memory_ternary_model(quantized):
+    """TorchCompileModel on MODELs made in memory (no file behind them). No graph break at a
+    ternary layer: exactly as many as ComfyUI's own dense model has (on the CPU its memory
+    checks break the graph). A16 gives eager's latents to float rounding. A8 rounds
+    activations to fp8, so the compiled graph's last-bit differences flip some codes: its
+    latents stay nearer eager A8's than eager A8's are to A16's."""
+    tensors, _ = quantized
+    _, dense_breaks = compiled_sample(
+        comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=1))
+    )
+    eager, compiled = {}, {}
+    for bits in (16, 8):
+        patcher = patcher_from_state_dict(tensors, act_bits=bits)
+        eager[bits] = sample(patcher)
+        compiled[bits], breaks = compiled_sample(patcher)
+        assert breaks == dense_breaks
+    assert_close(compiled[16], eager[16], 1e-5)
+    gap = float((eager[8] - eager[16]).norm() / eager[16].norm())
+    assert_close(compiled[8], eager[8], gap)
