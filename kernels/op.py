@@ -1,9 +1,11 @@
 """The one ternary linear: ``ternary_flux::linear``, a registered PyTorch custom op.
 
 Everything that runs a ternary linear calls :func:`ternary_linear` (the module, ComfyUI's
-layers, the trainer, the benchmarks). The op has a fake (meta) implementation and registered
-autograd, so torch.compile traces a ternary model without a graph break at a ternary layer
-and Inductor schedules the op as one opaque kernel call. Its implementation asks
+layers, the trainer, the benchmarks). Eager inference calls the op's implementation
+directly (the dispatcher would add 6-20 us to each of the ~300 calls of a step); training
+and compiled graphs call the registered op. The op has a fake (meta) implementation and
+registered autograd, so torch.compile traces a ternary model without a graph break at a
+ternary layer and Inductor schedules the op as one opaque kernel call. Its implementation asks
 kernels/plan.py for the path: the Triton paths of kernels/triton_linear.py on NVIDIA GPUs,
 the torch reference of kernels/reference.py elsewhere (CPU included). The two backward
 products are custom ops too (``linear_input_grad``, ``linear_scale_grad``), so a compiled
@@ -15,6 +17,13 @@ Under torch.compile the per-token quantization is written in plain torch ops bef
 the kernel that produced x (norm + modulation, GELU, concatenation) instead of reading x
 again; the op then receives the codes.
 
+Compiled inference graphs and the ``dense`` plan (many tokens): the product is written in traceable
+ops instead of the op, the unpack of the layer into its one-layer scratch as torch bit
+operations that Inductor turns into one kernel, then cuBLAS (``torch._scaled_mm`` for 8-bit
+activations, ``F.linear`` for 16-bit): the same arithmetic as kernels/triton_linear.py's
+dense path, but launched by Inductor's generated code instead of ~150 us of Python and
+Triton launcher per layer (measured on the H200 host).
+
 The op's arguments are the flattened weight objects of kernels/weight.py; nothing else
 should call ``torch.ops.ternary_flux.*`` directly.
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layout import unpack_2bit
 from .plan import backend, plan_input_grad, plan_linear, plan_scale_grad
 from .reference import (
     FP8_MAX,
@@ -45,8 +55,7 @@ def _codes(codes: Tensor | None, token_scale: Tensor | None, k: int):
     return None if codes is None else (codes.reshape(-1, k), token_scale.reshape(-1))
 
 
-@torch.library.custom_op("ternary_flux::linear", mutates_args=())
-def _linear(
+def _linear_impl(
     x: Tensor,
     packed: Tensor,
     scale: Tensor,
@@ -73,6 +82,9 @@ def _linear(
         c = _codes(codes, token_scale, in_features)
         y = triton_linear.forward(x2d, weight, bias, lora, act_bits, plan, c)
     return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+_linear = torch.library.custom_op("ternary_flux::linear", _linear_impl, mutates_args=())
 
 
 @_linear.register_fake
@@ -197,11 +209,63 @@ def ternary_linear(
         raise ValueError(
             f"input has {x.shape[-1]} features, the layer expects {weight.in_features}"
         )
-    codes = token_scale = None
-    if act_bits == 8 and torch.compiler.is_compiling() and _prequantize(x.device, x.dtype):
-        codes, token_scale = _fp8_codes(x)
     down, up, lora_scale = (None, None, 0.0) if lora is None else lora
+    codes = token_scale = None
+    if torch.compiler.is_compiling():
+        if act_bits == 8 and _prequantize(x.device, x.dtype):
+            codes, token_scale = _fp8_codes(x)
+        m, n = x.numel() // weight.in_features, weight.out_features
+        inference = not (
+            torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)
+        )
+        if (
+            inference
+            and isinstance(m, int)
+            and _dense_planned(m, n, weight.in_features, x.dtype, act_bits, x.device)
+        ):
+            return _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale)
+    elif not (torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)):
+        # Eager inference: the op's own implementation, without the dispatcher's 6-20 us per
+        # call (its autograd wrapper, schema checks); ~300 ternary layers run per step.
+        return _linear_impl(
+            x, weight.packed, weight.scale, weight.in_features, bias, down, up,
+            float(lora_scale), act_bits, None, None,
+        )  # fmt: skip
     return torch.ops.ternary_flux.linear(
         x, weight.packed, weight.scale, weight.in_features, bias, down, up, float(lora_scale),
         act_bits, codes, token_scale,
     )  # fmt: skip
+
+
+@torch.compiler.assume_constant_result
+def _dense_planned(m: int, n: int, k: int, dtype: torch.dtype, act_bits: int, device) -> bool:
+    return plan_linear(m, n, k, dtype, act_bits, device).path == "dense"
+
+
+def _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale) -> Tensor:
+    """The dense path in traceable ops (see the module docstring); bias and LoRA as there."""
+    k = weight.in_features
+    x2d = x.reshape(-1, k)
+    t = unpack_2bit(weight.packed, k)
+    if act_bits == 8:
+        y = torch._scaled_mm(
+            codes.reshape(-1, k),
+            t.to(torch.float8_e4m3fn).t(),
+            scale_a=token_scale.reshape(-1, 1),
+            scale_b=weight.scale[None, :],
+            bias=None if bias is None else bias.to(torch.bfloat16),
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
+        )
+        if lora is not None:
+            y = y + lora.scale * F.linear(F.linear(x2d, lora.down.to(x.dtype)), lora.up.to(x.dtype))
+    else:
+        w = t.float() * weight.scale[:, None]
+        if lora is not None:
+            w = w + lora.scale * (lora.up.float() @ lora.down.float())
+        y = F.linear(x2d, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)

@@ -74,16 +74,21 @@ def _dense_fp8_fits(n: int, k: int, dtype: torch.dtype, device: torch.device) ->
 def plan_linear(
     m: int, n: int, k: int, dtype: torch.dtype, act_bits: int, device: torch.device
 ) -> Plan:
-    """The forward plan of an [m, k] x [n, k]^T ternary product."""
+    """The forward plan of an [m, k] x [n, k]^T ternary product (cached: the host budget of
+    a layer is a few tens of microseconds)."""
     if act_bits not in (8, 16):
         raise ValueError(f"act_bits must be 16 or 8, got {act_bits}")
-    if backend(device, dtype) == "reference":
-        return Plan("reference", None)
-    return _plan_linear(m, n, k, dtype, act_bits, device, family_of(device))
+    return _plan_linear(m, n, k, dtype, act_bits, device, requested_backend(), interpreting())
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan_linear(m, n, k, dtype, act_bits, device, family) -> Plan:
+def _plan_linear(m, n, k, dtype, act_bits, device, requested, interpreter) -> Plan:
+    if backend(device, dtype) == "reference":
+        return Plan("reference", None)
+    return _plan_for_family(m, n, k, dtype, act_bits, device, family_of(device))
+
+
+def _plan_for_family(m, n, k, dtype, act_bits, device, family) -> Plan:
     dense_ok = dtype != torch.float32 and (act_bits == 16 or _dense_fp8_fits(n, k, dtype, device))
     if family is None:  # no measured tables: the conservative plan
         return Plan("dense" if dense_ok else "reference", None)

@@ -14,7 +14,8 @@ This needs no reshape or interleave and lets one tensor-core dot consume 128 col
 Kernels: ternary_mm_kernel (tensor-core tiles, optional split-K finished by
 splitk_epilogue_kernel), ternary_gemv_kernel (one token), ternary_dx_kernel (dx = dy T s),
 scale_grad_kernel (d weight_scale), unpack_dense_kernel (one-layer dense scratch for cuBLAS),
-quantize_fp8_kernel (per-token fp8 activations).
+quantize_fp8_kernel (per-token fp8 activations), quantize_and_unpack_kernel (both inputs of
+the 8-bit dense path in one launch).
 
 This module imports only Triton and the layout constants, so kernels can be compiled for a
 GPU target on a machine without one (to read their SASS).
@@ -545,7 +546,34 @@ def unpack_dense_kernel(
     A transient scratch weight for large token counts, where cuBLAS on a dense operand beats
     the fused kernel; the LoRA product is merged here so the GEMM needs no second branch.
     """
-    pid = tl.program_id(0)
+    _unpack_tile(
+        tl.program_id(0), w_ptr, scale_ptr, up_ptr, down_ptr, out_ptr, N, K, rank, stride_wn,
+        stride_upn, stride_downr, stride_on, lora_scale, HAS_SCALE, LORA_BLOCK, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def _unpack_tile(
+    pid,
+    w_ptr,
+    scale_ptr,
+    up_ptr,
+    down_ptr,
+    out_ptr,
+    N,
+    K,
+    rank,
+    stride_wn,
+    stride_upn,
+    stride_downr,
+    stride_on,
+    lora_scale,
+    HAS_SCALE: tl.constexpr,
+    LORA_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Tile ``pid`` of unpack_dense_kernel."""
     k_tiles = tl.cdiv(K, BLOCK_K)
     offs_n = (pid // k_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = (pid % k_tiles) * BLOCK_K
@@ -610,7 +638,25 @@ def quantize_fp8_kernel(
     q is stored as fp8 or, for GPUs without fp8 tensor cores, as the same values in bf16.
     One program per token; a row that fits in BLOCK_K stays in registers (one read of x).
     """
-    row = tl.program_id(0).to(tl.int64)
+    _quantize_row(
+        tl.program_id(0).to(tl.int64), x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+        BLOCK_K, ONE_PASS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _quantize_row(
+    row,
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
+    """Row ``row`` of quantize_fp8_kernel."""
     cols = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
@@ -634,3 +680,38 @@ def quantize_fp8_kernel(
             x = tl.load(x_row + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
             q = _round_to_e4m3(x * inverse)
             tl.store(q_row + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=(k0 + cols) < K)
+
+
+@triton.jit
+def quantize_and_unpack_kernel(
+    x_ptr,
+    q_ptr,
+    token_scale_ptr,
+    w_ptr,
+    codes_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_wn,
+    stride_cn,
+    QUANT_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The two inputs of the 8-bit dense path in one launch: programs [0, M) quantize one
+    token each (quantize_fp8_kernel, one pass), the rest unpack one tile each of the fp8
+    ternary scratch (unpack_dense_kernel without scale or LoRA). Two independent jobs, one
+    launch: the Python launcher costs about 40 us a launch on the H200 host."""
+    pid = tl.program_id(0)
+    if pid < M:
+        _quantize_row(
+            pid.to(tl.int64), x_ptr, q_ptr, token_scale_ptr, K, stride_xm, stride_qm,
+            QUANT_BLOCK, True,
+        )  # fmt: skip
+    else:
+        _unpack_tile(
+            pid - M, w_ptr, w_ptr, w_ptr, w_ptr, codes_ptr, N, K, 0, stride_wn, 0, 0, stride_cn,
+            0.0, False, 0, BLOCK_N, BLOCK_K,
+        )  # fmt: skip

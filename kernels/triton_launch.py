@@ -89,6 +89,30 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_and_unpack(
+    x: torch.Tensor, weight: TernaryWeight
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp8 codes [M, K], token scales [M], fp8 ternary scratch [N, K]) in one launch: the
+    inputs of the 8-bit dense path (quantize_fp8 and unpack_dense(..., fp8, scaled=False)
+    in one kernel). Needs fp8 tensor cores and rows quantized in one pass."""
+    x = _rows(x)
+    m, k = x.shape
+    packed = weight.packed
+    n = packed.shape[0]
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    token_scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    codes = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=x.device)
+    block_n, block_k = UNPACK_BLOCK
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
+    quant_block = triton.next_power_of_2(k)
+    tk.quantize_and_unpack_kernel[(m + tiles,)](
+        x, q, token_scale, packed, codes, m, n, k, x.stride(0), q.stride(0), packed.stride(0),
+        codes.stride(0), QUANT_BLOCK=quant_block, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4 if quant_block <= 4096 else 8, enable_fp_fusion=False,
+    )  # fmt: skip
+    return q, token_scale, codes
+
+
 def ternary_matmul(
     x: torch.Tensor,
     weight: TernaryWeight,

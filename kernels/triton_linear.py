@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from .plan import Plan
 from .triton_launch import (
+    QUANT_MAX_ONE_PASS,
+    quantize_and_unpack,
     quantize_fp8,
     split_bf16,
     ternary_dx,
@@ -53,8 +55,11 @@ def _dense_forward(x, weight, bias, lora, act_bits, codes) -> torch.Tensor:
     if act_bits == 16:
         merged = None if lora is None else (lora.up.to(dtype), lora.down.to(dtype), lora.scale)
         return F.linear(x, unpack_dense(weight, dtype, lora=merged), bias)
-    q, token_scale = codes if codes is not None else quantize_fp8(x)
-    ternary = unpack_dense(weight, torch.float8_e4m3fn, scaled=False)
+    if codes is None and x.shape[1] <= QUANT_MAX_ONE_PASS:
+        q, token_scale, ternary = quantize_and_unpack(x, weight)  # one launch for both
+    else:
+        q, token_scale = codes if codes is not None else quantize_fp8(x)
+        ternary = unpack_dense(weight, torch.float8_e4m3fn, scaled=False)
     y = torch._scaled_mm(
         q,
         ternary.t(),

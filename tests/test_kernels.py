@@ -7,7 +7,6 @@ kernels on the CPU through Triton's interpreter (small shapes), through the op w
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,28 +22,6 @@ from comfyui_ternary_flux.kernels.weight import LoraBranch, TernaryWeight
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # ||out - ref|| / ||ref|| bounds: the output's own rounding dominates.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_bf16_dot(monkeypatch):
-    """Triton 3.9's interpreter multiplies bf16 bit patterns as integers in tl.dot; feed
-    it float32 values instead (the compiled kernels are not affected)."""
-    if not interpreting():
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def as_float32(handle):
-        if handle.dtype.scalar.name != "bf16":
-            return handle
-        values = (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(values, interpreter.tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, as_float32(a), as_float32(b), d, input_precision, None)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
 @pytest.fixture(autouse=True)
@@ -295,7 +272,9 @@ def test_quantize_is_bit_exact(monkeypatch, k):
 @pytest.mark.parametrize("m,k,n", [(1, 256, 64), (17, 300, 45)])
 def test_input_grad_writes_every_output(dtype, m, k, n):
     config = DxConfig(128, 16, 32, 4, 1) if interpreting() else None
-    configs = (config,) if config else plan.plan_input_grad(m, n, k, dtype, DEVICE).configs
+    configs = (
+        (config,) if config else plan.plan_input_grad(m, n, k, dtype, torch.device(DEVICE)).configs
+    )
     gen = torch.Generator().manual_seed(m + k)
     t, weight, scale = ternary_layer(n, k, gen)
     dy = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE)
@@ -377,7 +356,7 @@ def test_gpus_without_tables_get_the_conservative_plan():
     assert tuning.gpu_family((10, 0)) is None and tuning.gpu_family((12, 0)) is None
     assert tuning.gpu_family((9, 0)) == "hopper" and tuning.gpu_family((8, 6)) == "ampere"
     gpu = torch.device("cuda", 0)
-    untuned = plan._plan_linear.__wrapped__
+    untuned = plan._plan_for_family
     for m in (1, 16, 4096):
         assert untuned(m, 64, 128, torch.bfloat16, 16, gpu, None) == plan.Plan("dense", None)
         assert untuned(m, 64, 128, torch.float32, 16, gpu, None).path == "reference"
@@ -420,3 +399,15 @@ def test_autotuning_waits_for_queued_work_before_timing_on_its_own_stream(monkey
     chosen = triton_launch._choose(("key",), ("a", "b"), launched.append)
     assert chosen == "a" and launched == ["a", "b"]
     assert events[0] == "sync" and events.count("time") == 2
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 200, 45), (1, 384, 70)])
+def test_quantize_and_unpack_in_one_launch_equals_the_two_kernels(m, k, n):
+    gen = torch.Generator().manual_seed(m + k)
+    t, weight, scale = ternary_layer(n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    w = TernaryWeight(weight, scale, k)
+    q, token_scale, codes = triton_launch.quantize_and_unpack(x, w)
+    ref_q, ref_scale = triton_launch.quantize_fp8(x)
+    assert torch.equal(q.float(), ref_q.float()) and torch.equal(token_scale, ref_scale)
+    assert torch.equal(codes.float().cpu(), t.float())

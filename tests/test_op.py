@@ -119,3 +119,37 @@ def test_compiled_a8_quantizes_in_the_graph(monkeypatch):
     assert seen, "the compiled graph did not quantize before the op"
     assert err < 1e-6, err  # the same fp8 codes: equal up to the order of bf16 sums
     plan.clear_cache()
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_compiled_dense_plan_is_traced_ops_with_the_dense_path_s_arithmetic(monkeypatch, act_bits):
+    """Compiled inference on the dense plan writes the product in traceable ops (unpack as
+    torch bit operations, cuBLAS): the same result as the eager Triton dense path."""
+    from comfyui_ternary_flux.kernels import op, tuning
+
+    monkeypatch.setenv("TERNARY_FLUX_BACKEND", "triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setitem(tuning.DENSE_MIN_TOKENS, plan.family_of(torch.device(device)), 1)
+    plan.clear_cache()
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(-1, 2, (48, 256), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(48, generator=gen) + 0.5).to(device)
+    weight = TernaryWeight(pack_2bit(t).to(device), scale, 256)
+    lora = LoraBranch(torch.randn(2, 256, generator=gen).bfloat16().to(device),
+                      torch.randn(48, 2, generator=gen).bfloat16().to(device), 0.5)  # fmt: skip
+    bias = torch.randn(48, generator=gen).bfloat16().to(device)
+    x = torch.randn(2, 3, 256, generator=gen).bfloat16().to(device)
+    traced = []
+    original = op._dense_in_graph
+    monkeypatch.setattr(op, "_dense_in_graph", lambda *a: traced.append(1) or original(*a))
+
+    def layer(inp):
+        return ternary_linear(inp, weight, bias, lora, act_bits=act_bits)
+
+    with torch.no_grad():
+        err, _, _ = compiled_matches_eager(layer, (x,))
+    assert traced, "the compiled graph did not take the traced dense path"
+    assert err < 1e-2, err  # bf16 outputs (the eager path rounds the merged weight likewise)
+    plan.clear_cache()
