@@ -250,7 +250,7 @@ def _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale) -> Tens
     if act_bits == 8:
         y = torch._scaled_mm(
             codes.reshape(-1, k),
-            t.to(torch.float8_e4m3fn).t(),
+            t.to(torch.bfloat16).to(torch.float8_e4m3fn).t(),  # Triton casts no int8 to fp8
             scale_a=token_scale.reshape(-1, 1),
             scale_b=weight.scale[None, :],
             bias=None if bias is None else bias.to(torch.bfloat16),
