@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..ternary.atomic import check_target
 from ..ternary.convert import (
     LayerPlan,
     Progress,
@@ -199,6 +200,7 @@ def quantize_file(
     """Stream a dense safetensors file of a known family into a v1 ternary file."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    check_target(dst, overwrite=True)  # a name too long, a folder, a folder not writable
     if dst.exists() and src.resolve() == dst.resolve():
         raise ValueError("the output must not be the source file")
     if lora_rank < 0:

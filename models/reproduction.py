@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..ternary.atomic import check_target
 from ..ternary.convert import LayerPlan, Progress, convert, plan_entries, write_converted
 from ..ternary.fileformat import MmapReader, build_metadata
 from ..ternary.packing import pack
@@ -279,6 +280,7 @@ def import_reproduction(
     base_path, checkpoint_path = Path(base_path), Path(checkpoint_path)
     if out_path is not None:
         out_path = Path(out_path)
+        check_target(out_path, overwrite=True)  # a name too long, a folder, not writable
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"{out_path} exists; pass --force to overwrite it")
         if out_path.resolve() in (base_path.resolve(), checkpoint_path.resolve()):

@@ -367,13 +367,11 @@ class MmapReader:
 def format_hint(marker: str | None) -> str:
     """Why a file without our marker was refused, and what to do (for any marker)."""
     advice = (
-        "quantize it first (Quantize Model to Ternary, or python -m comfyui_ternary_flux "
-        "quantize)"
+        "quantize it first (Quantize Model to Ternary, or python -m comfyui_ternary_flux quantize)"
     )
     if marker is None or marker in ("pt", "np", "tf", "flax", "mlx"):
         return (
-            f"no ternary-flux marker (format {marker!r}): an ordinary safetensors model? "
-            + advice
+            f"no ternary-flux marker (format {marker!r}): an ordinary safetensors model? " + advice
         )
     return (
         f"format marker is {marker!r}, not {FORMAT_NAME!r}: made by another tool; if it is "
