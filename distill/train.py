@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..models.flux1 import FAMILY as FLUX
 from ..ternary.atomic import atomic_path
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.module import export_tensors
@@ -225,6 +226,7 @@ def distill(
             packing="2bit",
             lora_rank=config.lora_rank,
             scale_rule=config.scale_rule,
+            architecture=FLUX.name,
             metadata={"distilled_steps": str(step), "teacher_data": dataset.fingerprint},
             overwrite=config.overwrite,
         )
