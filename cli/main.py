@@ -137,7 +137,7 @@ def cmd_import_reproduction(args: argparse.Namespace) -> int:
     print(
         f"{len(result.layers)} ternary layers, LoRA rank {result.lora_rank} "
         "(fused qkv / linear1: block-diagonal, rank 3r / 4r); "
-        "layers outside the blocks written dense (bf16 s*T + up@down)"
+        "layers outside the blocks written dense (float32 s*T + up@down)"
     )
     print(f"wrote {args.output} ({Path(args.output).stat().st_size:,} bytes)")
     return 0
