@@ -58,6 +58,8 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _ITEMSIZE = {name: torch.empty((), dtype=d).element_size() for d, name in _DTYPES.items()}
+# The writer also stores int64 (the teacher data's noise seeds); no reader here accepts it.
+_WRITABLE = {**_DTYPES, torch.int64: "I64"}
 
 
 class TernaryFormatError(ValueError):
@@ -150,11 +152,11 @@ def _header_bytes(
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for key, (dtype, shape) in entries.items():
-        if dtype not in _DTYPES:
+        if dtype not in _WRITABLE:
             raise TypeError(f"{key}: dtype {dtype} cannot be stored")
-        size = _numel(shape) * _ITEMSIZE[_DTYPES[dtype]]
+        size = _numel(shape) * dtype.itemsize
         header[key] = {
-            "dtype": _DTYPES[dtype],
+            "dtype": _WRITABLE[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
