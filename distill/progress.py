@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from ..ternary.atomic import atomic_path, pid_alive, write_json_atomic
+from ..ternary.atomic import atomic_path, naming_errors, pid_alive, write_json_atomic
 
 LOG = "log.jsonl"
 STATUS = "status.json"
@@ -90,14 +90,19 @@ class WorkLock:
             os.close(fd)
 
     def __enter__(self) -> WorkLock:
-        fd = self._open_locked()
-        previous = _read_pid(fd)
-        if previous is not None and previous != os.getpid():
-            self.stale_pid = previous  # it held the folder and is gone without releasing it
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
+        with naming_errors(self.path):
+            fd = self._open_locked()
+            previous = _read_pid(fd)
+            if previous is not None and previous != os.getpid():
+                self.stale_pid = previous  # it held the folder and is gone without releasing it
+            try:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
         self._fd = fd
         return self
 
