@@ -5,6 +5,7 @@ that a run is using."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -72,8 +73,13 @@ class WorkLock:
             _try_lock(fd)
         except OSError as err:
             holder = _read_pid(fd)
+            unsupported = err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+            if unsupported and not (pid_alive(holder) and holder != os.getpid()):
+                return fd  # a file system without locks: the PID in the file is the lock
             os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+            if not unsupported and err.errno not in (
+                errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK
+            ):  # fmt: skip
                 raise
             who = f"process {holder}" if holder else "another process"
             raise WorkDirBusy(
@@ -86,7 +92,8 @@ class WorkLock:
         """Raise WorkDirBusy if a live process holds the lock (without taking it)."""
         if self.path.parent.is_dir():
             fd = self._open_locked()
-            _unlock(fd)
+            with contextlib.suppress(OSError):
+                _unlock(fd)
             os.close(fd)
 
     def __enter__(self) -> WorkLock:
@@ -111,7 +118,8 @@ class WorkLock:
             return
         try:
             os.ftruncate(self._fd, 0)  # released: nothing stale for the next run to report
-            _unlock(self._fd)
+            with contextlib.suppress(OSError):  # a file system without locks
+                _unlock(self._fd)
         finally:
             os.close(self._fd)
             self._fd = None

@@ -66,3 +66,23 @@ def test_status_of_a_dead_process_reads_died(tmp_path):
     status = json.loads((tmp_path / "status.json").read_text())
     (tmp_path / "status.json").write_text(json.dumps({**status, "pid": dead_pid()}))
     assert read_progress(tmp_path)[0]["state"] == "died"
+
+
+def test_on_a_file_system_without_locks_the_pid_in_the_file_is_the_lock(tmp_path, monkeypatch):
+    import errno
+
+    from comfyui_ternary_flux.distill import progress
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(progress, "_try_lock", no_locks)
+    work = tmp_path / "work"
+    with WorkLock(work):
+        assert (work / "lock").read_text().strip() == str(os.getpid())
+    (work / "lock").write_text(f"{os.getppid()}\n")  # a live process's
+    with pytest.raises(WorkDirBusy, match=f"process {os.getppid()}"):
+        WorkLock(work).check_free()
+    (work / "lock").write_text(f"{dead_pid()}\n")
+    with WorkLock(work) as lock:
+        assert lock.stale_pid is not None
