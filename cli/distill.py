@@ -25,7 +25,7 @@ from ..distill.teacher import (
     hashed_prompt_encoder,
     model_velocity_fn,
 )
-from ..distill.train import compute_dtype, distill
+from ..distill.train import check_run, compute_dtype, distill
 from ..models.files import dense_tensors as file_tensors
 from ..models.flux1 import FLUX_DEV, TINY_FLUX, random_flux_state_dict
 from ..models.flux1_torch import flux_from_state_dict
@@ -118,6 +118,7 @@ def build_student(config: DistillConfig, env: DistEnv) -> torch.nn.Module:
 
 def run_distill(config: DistillConfig, env: DistEnv) -> None:
     dataset = TeacherDataset(config.data)
+    check_run(config, dataset, env.world_size, check_lock=env.is_main)  # before the student
     student = build_student(config, env)
     distill(student, dataset, config, env, log=print if env.is_main else (lambda _: None))
 

@@ -1,10 +1,21 @@
-"""Command line: ``python -m comfyui_ternary_flux <command> ...``."""
+"""Command line: ``python -m comfyui_ternary_flux <command> ...``.
+
+Every refusal and every failure of the file system is one line ``error: ...`` on stderr that
+names the file; Ctrl-C and SIGTERM end a command cleanly (a file being written is removed,
+finally-blocks run). Exit codes (stable): 0 done; 2 refused input (bad file, bad setting,
+an output that exists); 3 out of memory; 4 the file system failed or refused (disk full,
+read-only folder, no permission, name too long, a folder where a file should be); 130
+interrupted (Ctrl-C); 143 terminated (SIGTERM). Anything else is a bug and shows a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -14,6 +25,39 @@ from ..ternary.quantize import SCALE_RULES
 from .distill import add_distill_commands
 
 TINY_SEED = 1234
+EXIT_REFUSED, EXIT_MEMORY, EXIT_FILE_SYSTEM = 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler, so that finally-blocks and atomic writes clean up."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _terminate_by_exception():
+    """While a command runs, SIGTERM raises :class:`Terminated` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def os_error_text(err: OSError) -> str:
+    """One line for a file system error: the file, then what went wrong."""
+    if err.errno is None or err.filename is None:
+        return str(err)
+    what = err.strerror or str(err)
+    if err.filename2 is not None:
+        return f"{err.filename} -> {err.filename2}: {what}"
+    return f"{err.filename}: {what}"
 
 
 class ProgressPrinter:
@@ -93,7 +137,7 @@ def cmd_import_reproduction(args: argparse.Namespace) -> int:
     print(
         f"{len(result.layers)} ternary layers, LoRA rank {result.lora_rank} "
         "(fused qkv / linear1: block-diagonal, rank 3r / 4r); "
-        "layers outside the blocks written dense (bf16 s*T + up@down)"
+        "layers outside the blocks written dense (float32 s*T + up@down)"
     )
     print(f"wrote {args.output} ({Path(args.output).stat().st_size:,} bytes)")
     return 0
@@ -164,13 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(text: str) -> None:
+    print("error: " + " ".join(str(text).split()), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with _terminate_by_exception():
+            return args.func(args)
+    except KeyboardInterrupt:
+        _error("interrupted (Ctrl-C); no partial output was left")
+        return EXIT_INTERRUPTED
+    except Terminated:
+        _error("terminated (SIGTERM); no partial output was left")
+        return EXIT_TERMINATED
+    except (FileExistsError, FileNotFoundError) as err:
+        _error(os_error_text(err))
+        return EXIT_REFUSED
     except (MemoryError, torch.cuda.OutOfMemoryError):
-        print("error: out of memory; try --device cpu or close other programs", file=sys.stderr)
-        return 3
+        _error("out of memory; try --device cpu or close other programs")
+        return EXIT_MEMORY
+    except OSError as err:
+        _error(os_error_text(err))
+        return EXIT_FILE_SYSTEM
+    except (ValueError, TypeError) as err:
+        _error(str(err))
+        return EXIT_REFUSED

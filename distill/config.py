@@ -4,6 +4,7 @@ typo fails in the first second rather than after hours of training."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from ..ternary.quantize import SCALE_RULES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+MAX_LR = 1.0  # AdamW moves each weight by about lr per step: above 1 nothing can converge
 # Settings that change the result: a resumed run must use the same values.
 RESULT_KEYS = (
     "model", "lora_rank", "scale_rule", "steps", "batch_size", "lr_lora", "lr_scale",
@@ -57,9 +59,20 @@ class DistillConfig:
         for name in ("lora_rank", "steps", "batch_size", "micro_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise DistillConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for f in fields(self):
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise DistillConfigError(
+                    f"{f.name} must be a finite number, got {getattr(self, f.name)}"
+                )
         for name in ("lr_lora", "lr_scale", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise DistillConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("lr_lora", "lr_scale"):
+            if getattr(self, name) > MAX_LR:
+                raise DistillConfigError(
+                    f"{name} {getattr(self, name)} is far too large (at most {MAX_LR}; "
+                    "1e-4 to 1e-3 are usual): the run would diverge"
+                )
         if not 0 <= self.min_lr_ratio <= 1:
             raise DistillConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.scale_rule not in SCALE_RULES:

@@ -12,6 +12,8 @@ Per prompt i (sample id = its index in the prompt list) a shard holds::
 Shard j holds prompts [j * shard_size, (j + 1) * shard_size). A shard file appears only once
 complete (temp file + rename), so a restarted build skips finished shards and redoes at most
 one shard per process. ``manifest.json`` records the settings, the prompts and the shards.
+Every shard stores the sha256 of its tensors in its metadata (ternary/integrity.py): a
+damaged shard is refused by training, naming it, and rebuilt by a resumed build.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..ternary.atomic import atomic_path, write_json_atomic
+from ..ternary.atomic import write_json_atomic
+from ..ternary.fileformat import StreamingWriter
+from ..ternary.integrity import DIGEST_KEY, tensor_digest
 from .schedule import (
     derived_seed,
     resolution_shift,
@@ -175,8 +178,14 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise TeacherDataError(f"{directory}: no {MANIFEST}; not a teacher data set")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_NAME:
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise TeacherDataError(
+            f"{path}: damaged ({str(err)[:80]}); build the data set again into this folder to "
+            "rewrite it (finished shards are kept)"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise TeacherDataError(f"{path}: not a teacher data set manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise TeacherDataError(
@@ -207,12 +216,56 @@ def _check_same_build(directory: Path, described: dict) -> None:
 
 
 def _shard_ids(path: Path) -> list[int] | None:
-    """Sample ids of a finished shard file, or None when it is not readable."""
+    """Sample ids of a finished shard file (from its header), or None when it is not
+    readable."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["samples"])
     except Exception:  # a damaged file is rebuilt, not trusted
         return None
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a shard, checked against the digest in its header (shards of older
+    builds, without one, are read as they are)."""
+    advice = (
+        "delete it and build the teacher data set again into the same folder: that shard is "
+        "redone, the finished ones are kept"
+    )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors' own error type, or OSError
+        raise TeacherDataError(
+            f"{path}: not a readable shard ({str(err)[:80]}); {advice}"
+        ) from None
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and tensor_digest(tensors) != expected:
+        raise TeacherDataError(
+            f"{path}: damaged: its tensors do not match the sha256 in its header; {advice}"
+        )
+    return tensors
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: list[int]) -> None:
+    """The pack's one safetensors writer: atomic, a full disk reported, the same bytes for
+    the same tensors (safetensors' own writer orders the metadata at random)."""
+    metadata = {"samples": json.dumps(ids), DIGEST_KEY: tensor_digest(tensors)}
+    entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
+    with StreamingWriter(path, entries, metadata, overwrite=True) as writer:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+
+
+def _shard_is_done(path: Path, ids: list[int]) -> bool:
+    if not path.is_file() or _shard_ids(path) != ids:
+        return False
+    try:
+        read_shard(path)
+    except TeacherDataError:
+        return False
+    return True
 
 
 def refresh_manifest(directory: str | os.PathLike) -> dict:
@@ -274,9 +327,11 @@ def build_teacher_dataset(
     for j in mine:
         ids = list(range(j * size, min((j + 1) * size, len(prompts))))
         path = directory / shard_name(j)
-        if path.is_file() and _shard_ids(path) == ids:
+        if _shard_is_done(path, ids):
             done += len(ids)
             continue
+        if path.is_file():
+            log(f"teacher data: {path} is damaged or of another build; building it again")
         # Encode the shard's prompts first: big text encoders and the model then swap in
         # and out of GPU memory once per shard, not once per prompt.
         conditions = {i: encode(prompts[i]) for i in ids}
@@ -288,8 +343,7 @@ def build_teacher_dataset(
             done += 1
             if on_prompt is not None:
                 on_prompt(done, total)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"samples": json.dumps(ids)})
+        _write_shard(path, tensors, ids)
         if rank == 0:
             manifest = refresh_manifest(directory)
             log(
@@ -319,9 +373,29 @@ class TeacherDataset:
                 "finish building it first"
             )
         self.manifest = manifest
-        self.settings = TeacherSettings.from_dict(manifest["settings"])
+        manifest_path = self.directory / MANIFEST
+        shards = manifest.get("shards")
+        ok = isinstance(shards, list) and all(
+            isinstance(s, dict) and isinstance(s.get("file"), str)
+            and isinstance(s.get("samples"), list) for s in shards
+        )  # fmt: skip
+        if not ok or not shards or not isinstance(manifest.get("settings"), dict):
+            raise TeacherDataError(
+                f"{manifest_path}: no usable shard list; build the data set again into this "
+                "folder (finished shards are kept) to rewrite it"
+            )
+        for shard in shards:
+            if not (self.directory / shard["file"]).is_file():
+                raise TeacherDataError(
+                    f"{self.directory / shard['file']} is listed in {manifest_path} but missing; "
+                    "build the data set again into this folder to redo it"
+                )
+        try:
+            self.settings = TeacherSettings.from_dict(manifest["settings"])
+        except (TypeError, ValueError) as err:
+            raise TeacherDataError(f"{manifest_path}: bad settings ({err})") from None
         self.points = self.settings.points_per_prompt
-        self._where = {i: s["file"] for s in manifest["shards"] for i in s["samples"]}
+        self._where = {i: s["file"] for s in shards for i in s["samples"]}
         self.sample_ids = sorted(self._where)
         self._files: dict[str, object] = {}
 
@@ -336,9 +410,17 @@ class TeacherDataset:
 
     def _get(self, sample: int, name: str) -> torch.Tensor:
         file = self._where[sample]
-        if file not in self._files:
-            self._files[file] = safe_open(str(self.directory / file), framework="pt")
-        return self._files[file].get_tensor(f"{sample}.{name}")
+        if file not in self._files:  # checked whole once, then read tensor by tensor
+            path = self.directory / file
+            read_shard(path)
+            self._files[file] = safe_open(str(path), framework="pt")
+        try:
+            return self._files[file].get_tensor(f"{sample}.{name}")
+        except Exception:  # safetensors' error for a missing key
+            raise TeacherDataError(
+                f"{self.directory / file} has no {sample}.{name}, which {MANIFEST} places there; "
+                "build the data set again into this folder"
+            ) from None
 
     def example(self, index: int) -> dict[str, torch.Tensor]:
         """z_t, t, teacher v and the conditioning of example ``index`` (float32, CPU)."""

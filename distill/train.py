@@ -6,12 +6,20 @@ so a resumed run continues exactly where a killed one stopped: a checkpoint only
 step, the trainable tensors and the optimizer state. Under torchrun each process takes its
 slice of every global batch and DDP averages the gradients, so the loss curve does not
 depend on the number of processes.
+
+Faults: a run holds its work folder's lock (progress.WorkLock), so a second process is
+refused instead of training beside it. Two checkpoints are kept (the latest and the one
+before); one whose zip CRCs fail is set aside (``.damaged``) and the run resumes from the
+other, to the same result. A non-finite loss or trained tensor stops the run with a message
+before anything non-finite is saved. Settings that cannot work (a batch larger than the
+data set, an output that cannot be written) are refused before any training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,17 +30,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..ternary.atomic import atomic_path
+from ..models.flux1 import FAMILY as FLUX
+from ..ternary.atomic import atomic_path, check_target
 from ..ternary.fileformat import save_ternary_file
+from ..ternary.integrity import DamagedFileError, check_zip
 from ..ternary.module import export_tensors
 from .config import DistillConfig
 from .distributed import DistEnv
-from .progress import ProgressLog
+from .progress import ProgressLog, WorkLock
 from .schedule import derived_seed
 from .student import prepare_for_training
 from .teacher import TeacherDataset
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept until the next one is written
+DAMAGED = ".damaged"  # suffix of a checkpoint set aside
+
+
+class TrainingDiverged(ValueError):
+    """The loss or a trained tensor became NaN or infinite; the message says what to do."""
 
 
 @dataclass
@@ -84,32 +100,109 @@ def collate(dataset: TeacherDataset, indices: list[int], device: torch.device) -
     return {k: torch.stack([e[k] for e in examples]).to(device) for k in examples[0]}
 
 
-def _save_checkpoint(path: Path, step: int, groups: dict, optimizer, fingerprint: dict) -> None:
+def check_run(
+    config: DistillConfig, dataset: TeacherDataset, world_size: int = 1, check_lock: bool = True
+) -> None:
+    """Refuse, before any training, what cannot work: a batch that does not split over the
+    processes, a batch larger than the data set, an output that exists (without overwrite)
+    or cannot be written, a work folder another process is using (``check_lock``: on the
+    main process only, the one that takes the lock)."""
+    per_rank, remainder = divmod(config.batch_size, world_size)
+    if remainder or per_rank % config.micro_batch:
+        raise ValueError(
+            f"batch_size {config.batch_size} must split into {world_size} process(es) x "
+            f"whole micro-batches of {config.micro_batch}"
+        )
+    if config.batch_size > len(dataset):
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than the teacher data set "
+            f"({len(dataset)} examples: prompts x points_per_prompt); lower it or build more "
+            "teacher data"
+        )
+    output = Path(config.output)
+    check_target(output, overwrite=True)  # a name too long, a folder, a folder not writable
+    if output.exists() and not config.overwrite:
+        raise FileExistsError(f"{output} exists; choose another output or set overwrite = true")
+    if check_lock:
+        WorkLock(config.work_path).check_free()
+
+
+def _all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _save_checkpoint(work: Path, step: int, groups: dict, optimizer, fingerprint: dict) -> None:
+    """Write ``checkpoint.pt`` of this step; the one before becomes ``checkpoint.prev.pt``."""
     trainable = {k: p.detach().cpu() for g in groups.values() for k, p in g.items()}
+    if not _all_finite(trainable.values()):
+        bad = next(k for k, t in trainable.items() if not bool(torch.isfinite(t).all()))
+        raise TrainingDiverged(
+            f"step {step}: {bad} became NaN or infinite; no checkpoint of it was written. "
+            "Lower lr_lora / lr_scale and start again in a new work_dir"
+        )
     state = {
         "step": step,
         "trainable": trainable,
         "optimizer": optimizer.state_dict(),
         "fingerprint": fingerprint,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    current = work / CHECKPOINT
+    if current.exists():
+        os.replace(current, work / PREVIOUS)
+    with atomic_path(current) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def set_aside_damaged(work: Path, log: Callable[[str], None]) -> None:
+    """Move checkpoints whose zip CRCs fail out of the way (``<name>.damaged``), so the run
+    resumes from the good one left; refuse when every checkpoint was damaged."""
+    damaged = []
+    for name in (CHECKPOINT, PREVIOUS):
+        path = work / name
+        if not path.exists():
+            continue
+        try:
+            check_zip(path)
+        except DamagedFileError as err:
+            path.replace(path.with_name(path.name + DAMAGED))
+            damaged.append(f"{err} (moved to {path.name + DAMAGED})")
+    if not damaged:
+        return
+    good = [name for name in (CHECKPOINT, PREVIOUS) if (work / name).exists()]
+    if not good:
+        raise DamagedFileError(
+            "; ".join(damaged) + ". No good checkpoint is left: run again to start from step 0 "
+            "(or restore a copy of the checkpoint)"
+        )
+    log("; ".join(damaged) + f"; resuming from {work / good[0]}")
 
 
 def _load_checkpoint(path: Path, groups: dict, optimizer, fingerprint: dict) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != fingerprint:
-        changed = [
-            k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]
-        ] or sorted(state["fingerprint"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["fingerprint"]
+        trainable = state["trainable"]
+    except Exception as err:  # not a checkpoint of this trainer (its CRCs were fine)
+        raise DamagedFileError(
+            f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}); delete it "
+            "to start from the checkpoint before it, or from step 0"
+        ) from None
+    if saved != fingerprint:
+        changed = [k for k in fingerprint if saved.get(k) != fingerprint[k]] or sorted(saved)
         raise ValueError(
             f"{path} belongs to a run with other settings ({', '.join(changed)} differ); "
             "use another work_dir or the same config"
         )
+    missing = sorted({n for g in groups.values() for n in g} - set(trainable))
+    if missing:
+        raise DamagedFileError(f"{path} lacks {missing[0]}; delete it to start again")
     with torch.no_grad():
         for g in groups.values():
             for name, param in g.items():
-                param.copy_(state["trainable"][name])
+                param.copy_(trainable[name])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]
 
@@ -125,25 +218,35 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` (a FluxTransformer with TernaryLinear + LoRA) in place.
 
-    Resumes from ``<work_dir>/checkpoint.pt`` when present. ``on_step(step, loss)`` is
-    called after every optimizer step; when ``should_stop()`` turns true the run saves a
-    checkpoint and returns with ``output=None``.
+    Resumes from ``<work_dir>/checkpoint.pt`` (or the checkpoint before it) when present.
+    ``on_step(step, loss)`` is called after every optimizer step; when ``should_stop()``
+    turns true the run saves a checkpoint and returns with ``output=None``. The main process
+    holds the work folder's lock for the whole run; a failure or an interruption is recorded
+    in ``status.json`` before it propagates.
     """
     env = env or DistEnv()
-    per_rank, remainder = divmod(config.batch_size, env.world_size)
-    if remainder or per_rank % config.micro_batch:
-        raise ValueError(
-            f"batch_size {config.batch_size} must split into {env.world_size} process(es) x "
-            f"whole micro-batches of {config.micro_batch}"
-        )
-    output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise FileExistsError(f"{output} exists; choose another output or set overwrite = true")
+    check_run(config, dataset, env.world_size, check_lock=False)  # the lock is taken below
     work = config.work_path
-    if env.is_main:
-        work.mkdir(parents=True, exist_ok=True)
-    env.barrier()
+    with WorkLock(work) if env.is_main else contextlib.nullcontext() as lock:
+        if lock is not None and lock.stale_pid is not None:
+            log(f"{work} was locked by process {lock.stale_pid}, which is gone: taking it over")
+        if env.is_main:
+            set_aside_damaged(work, log)
+        env.barrier()
+        progress = ProgressLog(work, config.steps, enabled=env.is_main)
+        try:
+            return _train(student, dataset, config, env, on_step, should_stop, log, progress)
+        except BaseException as err:
+            state = "failed" if isinstance(err, Exception) else "interrupted"
+            text = " ".join(str(err).split())[:500] or type(err).__name__
+            progress.record(state, event=state, error=text)
+            raise
 
+
+def _train(student, dataset, config, env, on_step, should_stop, log, progress) -> DistillResult:
+    per_rank = config.batch_size // env.world_size
+    output = Path(config.output)
+    work = config.work_path
     student.to(env.device)
     groups = prepare_for_training(student)
     optimizer = torch.optim.AdamW(
@@ -155,14 +258,11 @@ def distill(
     )
     base_lrs = [config.lr_lora, config.lr_scale]
     fingerprint = {**config.result_settings(), "data": dataset.fingerprint}
-    checkpoint = work / CHECKPOINT
-    step = (
-        _load_checkpoint(checkpoint, groups, optimizer, fingerprint) if checkpoint.exists() else 0
-    )
-    progress = ProgressLog(work, config.steps, enabled=env.is_main)
+    resume = next((work / n for n in (CHECKPOINT, PREVIOUS) if (work / n).exists()), None)
+    step = _load_checkpoint(resume, groups, optimizer, fingerprint) if resume else 0
     progress.truncate_after(step)
     if step:
-        log(f"resuming from {checkpoint} at step {step}")
+        log(f"resuming from {resume} at step {step}")
     progress.record("running", event="start", step=step, world_size=env.world_size)
 
     model = student
@@ -190,10 +290,17 @@ def distill(
                 loss = F.mse_loss(v.float(), batch["v"])
                 (loss * (len(indices) / per_rank)).backward()
             loss_sum += loss.detach().double() * len(indices)
+        mean_loss = float(env.sum(loss_sum)) / config.batch_size
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f"step {step + 1}: the loss is {mean_loss}: training diverged (lr_lora "
+                f"{config.lr_lora}, lr_scale {config.lr_scale}); stopped before the update, "
+                f"{output} was not written. Lower the learning rates and start again in a "
+                "new work_dir"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        mean_loss = float(env.sum(loss_sum)) / config.batch_size
         losses.append(mean_loss)
         seconds = time.perf_counter() - started
         progress.record(
@@ -209,7 +316,7 @@ def distill(
         stop = should_stop is not None and should_stop()
         if step % config.checkpoint_every == 0 or step == config.steps or stop:
             if env.is_main:
-                _save_checkpoint(checkpoint, step, groups, optimizer, fingerprint)
+                _save_checkpoint(work, step, groups, optimizer, fingerprint)
             env.barrier()
         if stop and step < config.steps:
             progress.record("stopped", event="stopped", step=step)
@@ -225,6 +332,7 @@ def distill(
             packing="2bit",
             lora_rank=config.lora_rank,
             scale_rule=config.scale_rule,
+            architecture=FLUX.name,
             metadata={"distilled_steps": str(step), "teacher_data": dataset.fingerprint},
             overwrite=config.overwrite,
         )

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..ternary.atomic import check_target
 from ..ternary.convert import (
     LayerPlan,
     Progress,
@@ -32,6 +33,7 @@ from ..ternary.fileformat import (
     TernaryFormatError,
     build_metadata,
     dtype_from_name,
+    file_size,
     read_ternary_file,
 )
 from ..ternary.quantize import quantize_layer
@@ -167,9 +169,13 @@ def quantize_state_dict(
     packing: str = "2bit",
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    stored_packing: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]], QuantizeReport]:
     """Quantize an in-memory state dict of a known family: (v1 tensors, layers, report).
 
+    The report counts stored bytes, as :func:`quantize_file` does: before, the source
+    tensors in their dtypes; after, the size of the v1 file of the result in
+    ``stored_packing`` (default: ``packing``), not the tensors in memory.
     Raises ModelFamilyError when the weights are not a model of a known family.
     """
     start = time.perf_counter()
@@ -181,7 +187,11 @@ def quantize_state_dict(
     report.count_source(shapes, layers)
     quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device)
     out = dict(convert(list(state), state.__getitem__, layers, quantizer, progress=progress))
-    report.bytes_after = sum(t.numel() * t.element_size() for t in out.values())
+    stored = stored_packing or packing
+    metadata = build_metadata(
+        {m: (p.n, p.k) for m, p in layers.items()}, stored, lora_rank, scale_rule, family.name
+    )
+    report.bytes_after = file_size(plan_entries(shapes, layers, stored), metadata)
     report.seconds = time.perf_counter() - start
     return out, {m: (p.n, p.k) for m, p in layers.items()}, report
 
@@ -199,6 +209,7 @@ def quantize_file(
     """Stream a dense safetensors file of a known family into a v1 ternary file."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    check_target(dst, overwrite=True)  # a name too long, a folder, a folder not writable
     if dst.exists() and src.resolve() == dst.resolve():
         raise ValueError("the output must not be the source file")
     if lora_rank < 0:

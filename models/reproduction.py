@@ -14,11 +14,19 @@ This module writes the same model as a v1 ternary file in BFL names:
   down = the downs stacked [S r, in] and up block-diagonal [out, S r]. This is exact and an
   ordinary LoRA for every loader and kernel, at the cost of storing zeros in up;
 * the linears outside the blocks, which the reproduction also made ternary, are written as
-  dense bf16 weights ``s T + A B`` so their outputs stay equal (up to bf16 rounding) while
-  the file keeps the format's rule that only block linears are ternary;
+  dense float32 weights ``s T + A B`` computed in float32, so their outputs equal the
+  reproduction's to float rounding while the file keeps the format's rule that only block
+  linears are ternary (64 M parameters: about 128 MB more than bf16 for FLUX.1-dev);
 * ``norm_out.linear`` is ``final_layer.adaLN_modulation.1`` with its halves swapped
   (diffusers emits (scale, shift), BFL (shift, scale)): its scale rows and up rows are
   swapped; T is per row, so ternarizing the BFL-ordered base weight gives the swapped T.
+
+The checkpoint holds no ternary codes, so a base with the right architecture but other
+weights would import silently. With a LoRA (rank > 0) the base is checked first: the LoRA
+was trained to carry the base's quantization residual W - s T, so the cosine between the
+two (per layer, median over a sample of layers) is clearly positive on the right base
+(0.3-0.9 on simulated checkpoints) and about 0 on any other. A checkpoint of scales alone
+(rank 0) gives nothing to check against.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import statistics
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,8 +42,10 @@ from pathlib import Path
 
 import torch
 
+from ..ternary.atomic import check_target
 from ..ternary.convert import LayerPlan, Progress, convert, plan_entries, write_converted
 from ..ternary.fileformat import MmapReader, build_metadata
+from ..ternary.integrity import DamagedFileError, check_zip
 from ..ternary.packing import pack
 from ..ternary.quantize import ternarize
 from .files import dense_tensors, diffusion_model_keys, strip_prefix
@@ -74,7 +85,12 @@ _HALF_SWAPPED = "final_layer.adaLN_modulation.1"
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
 _KINDS = ("scale", "lora_A", "lora_B")
 _BASE_DTYPES = (torch.bfloat16, torch.float32)
-_OUT_DTYPE = torch.bfloat16
+_OUT_DTYPE = torch.bfloat16  # every tensor taken from the base as it is
+_DENSE_DTYPE = torch.float32  # the linears outside the blocks, s T + A B
+_CHECKPOINT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float64: to float32
+BASE_CHECK_LAYERS = 24  # layers sampled for the base check
+MIN_BASE_COSINE = 0.05  # median below this: not the base the LoRAs were trained on (other
+# bases give |cos| < 0.01; the right one 0.3-0.9, and 0.1 for a weak rank-4 LoRA on tiny layers)
 
 
 class CheckpointError(ValueError):
@@ -134,12 +150,20 @@ def _plan_linears(shapes: dict[str, tuple[int, ...]], hidden: int) -> list[_Line
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a reproduction .pt with ``weights_only=True`` (no code runs) and check its type."""
+    """Load a reproduction .pt with ``weights_only=True`` (no code runs) and check its type.
+
+    Its zip members' CRC-32 checksums are verified first (``torch.load`` does not); float64
+    tensors come back as float32 (a dtype the format stores), fp8, integer, sparse or
+    non-tensor entries and keys that are not names are refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path.name} is not a PyTorch checkpoint (torch.save zip format)")
+    try:
+        check_zip(path, "download it again")
+    except DamagedFileError as err:
+        raise CheckpointError(str(err)) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
@@ -155,13 +179,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{path.name} is not a state dict (it holds {type(state).__name__})")
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        raise CheckpointError(
+            f"{path.name}: key {names[0]!r} is a {type(names[0]).__name__}, not a layer name; "
+            "expected a state dict"
+        )
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path.name}: {bad[0]!r} is not a tensor; expected a state dict")
+    sparse = [k for k, v in state.items() if v.layout != torch.strided]
+    if sparse:
+        raise CheckpointError(
+            f"{path.name}: {sparse[0]} is a {state[sparse[0]].layout} tensor; expected dense ones"
+        )
     dtypes = {v.dtype for v in state.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (*_CHECKPOINT_DTYPES, torch.float64):
         names = ", ".join(sorted(str(d) for d in dtypes))
-        raise CheckpointError(f"{path.name}: expected float tensors of one dtype, found {names}")
+        raise CheckpointError(
+            f"{path.name}: expected float tensors of one dtype (bf16, fp16, fp32 or fp64), "
+            f"found {names}"
+        )
+    if dtypes == {torch.float64}:
+        state = {k: v.float() for k, v in state.items()}
     return state
 
 
@@ -203,6 +243,9 @@ def _check_checkpoint(state: dict[str, torch.Tensor], linears: list[_Linear], na
                         f"{list(want[kind])} (base {lin.module} is "
                         f"[{sum(lin.rows)}, {lin.in_features}], LoRA rank {rank})"
                     )
+    bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{name}: {bad} holds NaN or infinite values")
     return rank
 
 
@@ -257,7 +300,65 @@ class _Converter:
         dense = t.float() * scale[:, None]
         if self.rank:
             dense += up.float() @ down.float()
-        return dense.to(_OUT_DTYPE)
+        return dense.to(_DENSE_DTYPE)
+
+
+def _dense_dtype(linears: dict[str, _Linear]):
+    """The stored dtype of each dense tensor of the import (for plan_entries)."""
+
+    def dtype_of(key: str, _source_dtype) -> torch.dtype:
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        return _DENSE_DTYPE if module in linears else _OUT_DTYPE
+
+    return dtype_of
+
+
+def base_cosines(
+    get: Callable[[str], torch.Tensor],
+    state: dict[str, torch.Tensor],
+    linears: list[_Linear],
+    rank: int,
+    count: int = BASE_CHECK_LAYERS,
+) -> list[float]:
+    """Per sampled block linear: cos(up @ down, W - s T) with W the base's weight, T its
+    ternary codes and s, up, down the checkpoint's."""
+    ternary = [lin for lin in linears if lin.ternary]
+    step = max(len(ternary) / count, 1)
+    sample = [ternary[int(i * step)] for i in range(min(count, len(ternary)))]
+    cosines = []
+    for lin in sample:
+        weight = get(f"{lin.module}.weight").float()
+        t, _ = ternarize(weight, "absmean")
+        scale, down, up = _gather(state, lin, rank)
+        residual = weight - t.float() * scale[:, None]
+        product = up.float() @ down.float()
+        norm = float(residual.norm() * product.norm())
+        cosines.append(float((residual * product).sum()) / norm if norm > 0 else 0.0)
+    return cosines
+
+
+def check_base(
+    get: Callable[[str], torch.Tensor],
+    state: dict[str, torch.Tensor],
+    linears: list[_Linear],
+    rank: int,
+    source: str,
+    checkpoint: str,
+) -> float | None:
+    """Refuse a base the checkpoint's LoRAs were not trained on; returns the median cosine
+    (None for a checkpoint without LoRA: nothing to compare)."""
+    if not rank:
+        return None
+    cosines = base_cosines(get, state, linears, rank)
+    median = statistics.median(cosines)
+    if median < MIN_BASE_COSINE:
+        raise CheckpointError(
+            f"{checkpoint} was not trained on {source}: its LoRAs do not fit the base's "
+            f"quantization residual (median cosine {median:.3f} over {len(cosines)} layers; "
+            f"about 0.3-0.9 on the base it was trained from, about 0 on another). Use the "
+            "bf16 FLUX.1-dev base of the reproduction"
+        )
+    return median
 
 
 def import_reproduction(
@@ -279,6 +380,7 @@ def import_reproduction(
     base_path, checkpoint_path = Path(base_path), Path(checkpoint_path)
     if out_path is not None:
         out_path = Path(out_path)
+        check_target(out_path, overwrite=True)  # a name too long, a folder, not writable
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"{out_path} exists; pass --force to overwrite it")
         if out_path.resolve() in (base_path.resolve(), checkpoint_path.resolve()):
@@ -343,6 +445,9 @@ def _import(
     state = load_checkpoint(checkpoint_path)
     rank = _check_checkpoint(state, linears, checkpoint_path.name)
     lora_dtype = next(iter(state.values())).dtype
+    base_cosine = check_base(
+        lambda key: get(names[key]), state, linears, rank, source, checkpoint_path.name
+    )
     by_module = {lin.module: lin for lin in linears}
     plans = _layer_plans(by_module, rank, lora_dtype)
     layers = {module: (p.n, p.k) for module, p in plans.items()}
@@ -355,6 +460,7 @@ def _import(
         extra={
             "source": source,
             "imported_from": f"1.58bit-flux reproduction: {checkpoint_path.name}",
+            **({} if base_cosine is None else {"base_cosine": f"{base_cosine:.4f}"}),
         },
     )
     result = ReproductionImport(layers, rank, metadata)
@@ -366,6 +472,6 @@ def _import(
     if out_path is None:
         result.tensors = dict(loop)
         return result
-    entries = plan_entries(shapes, plans, packing, dense=lambda key, dtype: _OUT_DTYPE)
+    entries = plan_entries(shapes, plans, packing, dense=_dense_dtype(by_module))
     write_converted(out_path, entries, metadata, loop, overwrite=overwrite)
     return result

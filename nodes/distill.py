@@ -19,11 +19,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..distill.config import DistillConfig
-from ..distill.progress import ProgressLog, read_progress
+from ..distill.progress import read_progress
 from ..distill.prompts import generate_prompts, read_prompt_file
 from ..distill.student import student_from_tensors
 from ..distill.teacher import TeacherDataset, TeacherSettings, build_teacher_dataset
-from ..distill.train import distill
+from ..distill.train import check_run, distill
 from ..ternary.quantize import SCALE_RULES
 from . import folders
 from .model_io import check_flux, dense_state_dict, load_ternary_patcher
@@ -352,6 +352,7 @@ class DistillTernary(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing, **numbers,
         )  # fmt: skip
         data = TeacherDataset(config.data)
+        check_run(config, data)  # before the student is built
         with torch.inference_mode(False), torch.enable_grad():
             state = dense_state_dict(model)
             student = student_from_tensors(
@@ -367,13 +368,10 @@ class DistillTernary(io.ComfyNode):
             comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
             cancel = CancelWatch(config.steps)
-            try:
-                result = distill(
-                    student, data, config, on_step=cancel.on_step, should_stop=cancel.requested
-                )
-            except BaseException as err:
-                ProgressLog(work, config.steps).record("failed", event="failed", error=repr(err))
-                raise
+            # distill() records a failure in the job's status itself (once it holds the lock)
+            result = distill(
+                student, data, config, on_step=cancel.on_step, should_stop=cancel.requested
+            )
         del student
         if result.output is None:
             raise cancel.interrupt or comfy.model_management.InterruptProcessingException()
@@ -409,12 +407,9 @@ class DistillJob(io.ComfyNode):
     @classmethod
     def execute(cls, model_file, dataset, name, gpus, **numbers) -> io.NodeOutput:
         work = job_dir(name)
-        status = read_progress(work)[0]
-        if status.get("state") == "running" and _alive(status.get("pid")):
-            raise ValueError(f"job {name!r} is running (pid {status['pid']}); see Job Status")
         model = folder_paths.get_full_path_or_raise("diffusion_models", model_file)
         config = _config(dataset, model, folders.output_path(name), work, **numbers)
-        TeacherDataset(config.data)  # fail here, not in the background, on a bad data set
+        check_run(config, TeacherDataset(config.data), gpus)  # here, not in the background
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.json").write_text(json.dumps(config.as_dict(), indent=1))
         command = launch_command(gpus, work / "config.json")
@@ -445,21 +440,11 @@ def _package_link(work: Path) -> Path:
     return folder
 
 
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 def status_text(name: str, status: dict, steps: list[dict]) -> str:
     if not status:
         return f"job {name}: not started (no status in {job_dir(name)})"
-    state = status["state"]
-    if state == "running" and not _alive(status.get("pid")):
+    state = status["state"]  # read_progress reads a dead process's "running" as "died"
+    if state == "died":
         state = "died (see job.log)"
     step, total = status.get("step", 0), status.get("total_steps", 0)
     lines = [f"job {name}: {state}, step {step}/{total}"]

@@ -24,15 +24,23 @@ def files(suffix: str) -> list[str]:
 def output_path(name: str) -> str:
     """A new file in the first ternary folder: ``name`` itself, or ``name_00001`` and on.
 
-    Never returns an existing file: saving must not overwrite a user's model.
+    Never returns an existing file (or link): saving must not overwrite a user's model. The
+    path is resolved (links followed) and must stay inside the folder, so a link that already
+    exists there (``linked/escaped`` with ``linked`` pointing elsewhere) cannot lead a save out.
     """
-    folder = folder_paths.get_folder_paths(FOLDER)[0]
+    folder = os.path.realpath(folder_paths.get_folder_paths(FOLDER)[0])
     stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
     if not stem or os.path.isabs(stem) or ".." in stem.replace("\\", "/").split("/"):
         raise ValueError(f"invalid file name {name!r}: give a name inside models/ternary")
     path = os.path.join(folder, f"{stem}.safetensors")
     counter = 1
-    while os.path.exists(path):
+    while os.path.lexists(path):
         path = os.path.join(folder, f"{stem}_{counter:05d}.safetensors")
         counter += 1
-    return path
+    real = os.path.realpath(path)
+    if os.path.commonpath([folder, real]) != folder:
+        raise ValueError(
+            f"invalid file name {name!r}: it leads through a link to {os.path.dirname(real)}, "
+            "outside models/ternary; give a name inside it"
+        )
+    return real

@@ -44,8 +44,13 @@ def refuse_patches(patcher, advice: str) -> None:
         )
 
 
-def patcher_from_state_dict(tensors: dict[str, torch.Tensor], act_bits: int = 16):
+def patcher_from_state_dict(
+    tensors: dict[str, torch.Tensor], act_bits: int = 16, *, scale_rule: str | None
+):
     """A ComfyUI MODEL of a v1 state dict (2bit-packed ternary layers, BFL names).
+
+    ``scale_rule`` is the rule that made its scales (the Quantize node's choice, a file's
+    header); its ternary layers carry it, so Save Ternary Model writes it into the file.
 
     Always ComfyUI's legacy ModelPatcher, also where Dynamic VRAM is on: the dynamic patcher
     streams only ComfyUI's own cast weights and copies every other tensor to the GPU again on
@@ -64,6 +69,7 @@ def patcher_from_state_dict(tensors: dict[str, torch.Tensor], act_bits: int = 16
         raise ValueError("no ternary layers found in this model")
     for module in layers.values():
         module.act_bits = act_bits
+        module.scale_rule = scale_rule
     install(patcher)
     return patcher
 
@@ -77,7 +83,9 @@ def load_ternary_patcher(path: str | os.PathLike, act_bits: int = 16, disable_dy
     fraction of a second on a GPU).
     """
     checkpoint = load_ternary_model(path, convert_device=comfy.model_management.get_torch_device())
-    patcher = patcher_from_state_dict(checkpoint.state_dict, act_bits)
+    patcher = patcher_from_state_dict(
+        checkpoint.state_dict, act_bits, scale_rule=checkpoint.metadata.get("scale_rule")
+    )
     patcher.cached_patcher_init = (load_ternary_patcher, (str(path), act_bits))
     return patcher
 
@@ -95,7 +103,8 @@ def bfl_state_dict(patcher) -> dict[str, torch.Tensor]:
 
 
 def dense_state_dict(patcher) -> dict[str, torch.Tensor]:
-    """The diffusion model's weights with the MODEL's patches (LoRAs) merged, in BFL names.
+    """The diffusion model's weights with the MODEL's patches (LoRAs) merged, in BFL names,
+    each in its stored dtype (:func:`stored_dtype`).
 
     Computed weight by weight on the compute device, without loading the model: ComfyUI's
     ``force_patch_weights`` load is refused by Dynamic VRAM and would put the whole model on
@@ -127,8 +136,22 @@ def dense_state_dict(patcher) -> dict[str, torch.Tensor]:
             merged = tensor.to(device, torch.float32, copy=True)
             merged = comfy.lora.calculate_weight(patcher.patches[key], merged, key)
             tensor = merged.to("cpu", dtype)
-        state[bfl_key(name)] = tensor.detach()
+        state[bfl_key(name)] = stored_dtype(tensor.detach())
     return state
+
+
+def stored_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor whose values are all bf16 (or fp16) values, in that dtype, else the
+    tensor itself. ComfyUI holds bf16 weights as float32 on the CPU; this gives them back
+    in the dtype of their file, exactly (the quantization is bit for bit the same), at half
+    the memory, and counted at their stored size."""
+    if tensor.dtype != torch.float32:
+        return tensor
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = tensor.to(dtype)
+        if torch.equal(narrow.float(), tensor):
+            return narrow
+    return tensor
 
 
 def check_flux(patcher) -> None:

@@ -15,6 +15,7 @@ from .model_io import (
     dense_state_dict,
     patcher_from_state_dict,
 )
+from .save_node import SAVE_PACKING
 
 
 class QuantizeModelToTernary(io.ComfyNode):
@@ -65,8 +66,8 @@ class QuantizeModelToTernary(io.ComfyNode):
             scale_rule=scale_rule,
             device=comfy.model_management.get_torch_device(),
             progress=lambda done, total, _key: bar.update_absolute(done, total),
+            stored_packing=SAVE_PACKING,  # bytes after: the file Save Ternary Model writes
         )
         del state
-        return io.NodeOutput(
-            patcher_from_state_dict(tensors, ACT_BITS[activations]), report.format()
-        )
+        model = patcher_from_state_dict(tensors, ACT_BITS[activations], scale_rule=scale_rule)
+        return io.NodeOutput(model, report.format())

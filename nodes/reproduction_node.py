@@ -57,4 +57,8 @@ class LoadReproductionCheckpoint(io.ComfyNode):
             packing="2bit",
             progress=lambda done, total, _key: bar.update_absolute(done, total),
         )
-        return io.NodeOutput(patcher_from_state_dict(result.tensors, ACT_BITS[activations]))
+        return io.NodeOutput(
+            patcher_from_state_dict(
+                result.tensors, ACT_BITS[activations], scale_rule=result.metadata["scale_rule"]
+            )
+        )

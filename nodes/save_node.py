@@ -6,12 +6,16 @@ import os
 
 from comfy_api.latest import io, ui
 
+from ..models.registry import detect_family
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.module import export_tensors
 from ..ternary.packing import PACKINGS
+from ..ternary.quantize import SCALE_RULES
 from . import folders
-from .model_io import bfl_key, refuse_patches
+from .model_io import bfl_key, logical_shapes, refuse_patches
 from .ternary_ops import ternary_modules
+
+SAVE_PACKING = "base3"  # the default: the smallest file
 
 
 def ternary_file_tensors(patcher, packing: str) -> tuple[dict, dict, int]:
@@ -22,6 +26,21 @@ def ternary_file_tensors(patcher, packing: str) -> tuple[dict, dict, int]:
         patcher, "a ternary file cannot hold them; connect the model from before the LoRA loaders"
     )
     return export_tensors(patcher.model.diffusion_model, packing, key=bfl_key)
+
+
+def ternary_file_header(patcher) -> dict[str, str]:
+    """The header fields a file of this MODEL states about it: the ``scale_rule`` its ternary
+    layers carry (from the Quantize node or the file they were loaded from) and its
+    ``architecture`` (the model family its shapes are)."""
+    rules = {layer.scale_rule for layer in ternary_modules(patcher).values()}
+    if len(rules) != 1 or not rules <= set(SCALE_RULES):
+        found = ", ".join(sorted(str(r) for r in rules))
+        raise ValueError(
+            f"this MODEL's ternary layers do not say one scale rule ({found}); "
+            "save a model from Quantize Model to Ternary or a ternary file"
+        )
+    family, _ = detect_family(logical_shapes(patcher))
+    return {"scale_rule": rules.pop(), "architecture": family.name}
 
 
 class SaveTernaryModel(io.ComfyNode):
@@ -44,7 +63,7 @@ class SaveTernaryModel(io.ComfyNode):
                 io.Combo.Input(
                     "packing",
                     options=list(PACKINGS),
-                    default="base3",
+                    default=SAVE_PACKING,
                     tooltip="base3: 1.6 bits per weight, the smallest file. 2bit: the layout "
                     "the kernels run, about 20 % larger, no conversion when loading.",
                 ),
@@ -56,7 +75,8 @@ class SaveTernaryModel(io.ComfyNode):
     def execute(cls, model, filename: str, packing: str) -> io.NodeOutput:
         path = folders.output_path(filename)
         tensors, layers, rank = ternary_file_tensors(model, packing)
-        save_ternary_file(path, tensors, layers, packing=packing, lora_rank=rank)
+        header = ternary_file_header(model)
+        save_ternary_file(path, tensors, layers, packing=packing, lora_rank=rank, **header)
         name = os.path.basename(path)
         text = f"saved {name} ({os.path.getsize(path) / 1e6:.1f} MB, {len(layers)} ternary layers)"
         return io.NodeOutput(name, ui=ui.PreviewText(text))

@@ -1,9 +1,11 @@
 """The one atomic writer: a file appears under its name only once it is complete.
 
 A write goes to a temporary file beside the target (``.NAME.PID.partial``) and is renamed
-over the target at the end; a failed write removes it. A process killed outright (SIGKILL,
-power loss) cannot remove its temporary file, so every write first deletes the stale
-temporaries that dead processes left for the same target.
+over the target at the end; a failed or interrupted write (an exception, Ctrl-C, SIGTERM
+through the command line's handler) removes it. A process killed outright (SIGKILL, power
+loss) cannot remove its temporary file, so every write first deletes the stale temporaries
+that dead processes left for the same target. Errors of the file system while writing
+(disk full, read-only folder, permissions) name the target, not the temporary file.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def temp_path(path: Path, pid: int | None = None) -> Path:
     return path.with_name(f"{_temp_stem(path.name)}.{pid or os.getpid()}{_SUFFIX}")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether a process of this id runs on this machine (False for anything but an id)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,7 +56,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         return removed
     for candidate in path.parent.glob(f"{glob_escape(stem)}.*{_SUFFIX}"):
         pid = candidate.name[len(stem) + 1 : -len(_SUFFIX)]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
@@ -70,6 +75,28 @@ def check_target(path: Path, overwrite: bool) -> None:
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folder that the write would create the rest in
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is not a folder", str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "folder is not writable", str(folder))
+
+
+@contextmanager
+def naming_errors(path: str | os.PathLike, temporary: str | os.PathLike | None = None):
+    """Let the file system errors raised inside name ``path``: errors of writes name no file
+    (ENOSPC, EIO), errors of opening the temporary file name that one."""
+    try:
+        yield
+    except OSError as err:
+        unnamed = err.filename is None or (
+            temporary is not None and str(err.filename) == str(temporary)
+        )
+        if err.errno is None or not unnamed:
+            raise
+        raise type(err)(err.errno, err.strerror, str(path)) from None
 
 
 @contextmanager
@@ -85,10 +112,11 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     remove_stale_temporaries(path)
     tmp = temp_path(path)
     try:
-        yield tmp
-        if not overwrite and path.exists():
-            raise FileExistsError(f"{path} appeared while writing; not replaced")
-        os.replace(tmp, path)
+        with naming_errors(path, tmp):
+            yield tmp
+            if not overwrite and path.exists():
+                raise FileExistsError(f"{path} appeared while writing; not replaced")
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -22,6 +22,7 @@ allocated, and every malformed header gives a :class:`TernaryFormatError` naming
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -57,6 +58,8 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _ITEMSIZE = {name: torch.empty((), dtype=d).element_size() for d, name in _DTYPES.items()}
+# The writer also stores int64 (the teacher data's noise seeds); no reader here accepts it.
+_WRITABLE = {**_DTYPES, torch.int64: "I64"}
 
 
 class TernaryFormatError(ValueError):
@@ -141,6 +144,35 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+def _header_bytes(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> tuple[bytes, int]:
+    """(the JSON header a writer writes for these tensors, padded to 8 bytes; the size of the
+    tensor data after it)."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key, (dtype, shape) in entries.items():
+        if dtype not in _WRITABLE:
+            raise TypeError(f"{key}: dtype {dtype} cannot be stored")
+        size = _numel(shape) * dtype.itemsize
+        header[key] = {
+            "dtype": _WRITABLE[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), offset
+
+
+def file_size(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> int:
+    """The size in bytes of the file :class:`StreamingWriter` writes for these tensors."""
+    header, data = _header_bytes(entries, metadata)
+    return 8 + len(header) + data
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor, atomically (ternary/atomic.py).
 
@@ -158,23 +190,10 @@ class StreamingWriter:
     ) -> None:
         self.path = Path(path)
         check_target(self.path, overwrite)
-        header: dict[str, object] = {"__metadata__": dict(metadata)}
-        offset = 0
-        for key, (dtype, shape) in entries.items():
-            if dtype not in _DTYPES:
-                raise TypeError(f"{key}: dtype {dtype} cannot be stored")
-            size = _numel(shape) * _ITEMSIZE[_DTYPES[dtype]]
-            header[key] = {
-                "dtype": _DTYPES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
         self._overwrite = overwrite
         self._entries = dict(entries)
         self._order: Iterator[str] = iter(self._entries)
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        self._header = raw + b" " * (-len(raw) % 8)
+        self._header, _ = _header_bytes(entries, metadata)
         self._atomic = None
         self._file = None
 
@@ -211,11 +230,12 @@ class StreamingWriter:
                     raise RuntimeError(f"file closed before tensor {missing!r} was written")
                 self._file.flush()
                 os.fsync(self._file.fileno())
-        except BaseException as err:
             self._file.close()
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._atomic.__exit__(type(err), err, err.__traceback__)
             raise
-        self._file.close()
         self._atomic.__exit__(exc_type, exc, tb)
 
 
@@ -365,14 +385,18 @@ class MmapReader:
 
 
 def format_hint(marker: str | None) -> str:
-    """Why a file without our marker was refused, and what to do."""
+    """Why a file without our marker was refused, and what to do (for any marker)."""
+    advice = (
+        "quantize it first (Quantize Model to Ternary, or python -m comfyui_ternary_flux quantize)"
+    )
     if marker is None or marker in ("pt", "np", "tf", "flax", "mlx"):
         return (
-            f"no ternary-flux marker (format {marker!r}): an ordinary safetensors model? "
-            "quantize it first (Quantize Model to Ternary, or python -m comfyui_ternary_flux "
-            "quantize)"
+            f"no ternary-flux marker (format {marker!r}): an ordinary safetensors model? " + advice
         )
-    return f"format marker is {marker!r}, not {FORMAT_NAME!r}: made by another tool"
+    return (
+        f"format marker is {marker!r}, not {FORMAT_NAME!r}: made by another tool; if it is "
+        f"an ordinary model, {advice}"
+    )
 
 
 def _layer_list(metadata: Mapping[str, str], name: str) -> dict[str, tuple[int, int]]:

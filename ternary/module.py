@@ -42,6 +42,7 @@ class TernaryLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.act_bits = 16
+        self.scale_rule: str | None = None  # the rule that made the scales, when known
         shape = (out_features, packed_width(in_features))
         self.register_buffer(
             "weight", torch.full(shape, PAD_BYTE, dtype=torch.uint8, device=device)
@@ -108,6 +109,7 @@ class TernaryLinear(nn.Module):
         if bias is not None:
             parts["bias"] = bias
         module.load_state_dict(parts)
+        module.scale_rule = scale_rule
         return module
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -34,10 +34,10 @@ def tiny_encoder():
 
 def build_data(directory: Path, settings=SETTINGS, prompts=PROMPTS, **kwargs) -> dict:
     teacher = flux_from_state_dict(teacher_state(), dtype=torch.float32).eval()
+    kwargs.setdefault("log", lambda _: None)
     return build_teacher_dataset(
-        directory, prompts, tiny_encoder(), model_velocity_fn(teacher), settings,
-        log=lambda _: None, **kwargs,
-    )  # fmt: skip
+        directory, prompts, tiny_encoder(), model_velocity_fn(teacher), settings, **kwargs
+    )
 
 
 def write_teacher_file(path: Path) -> Path:

@@ -1,3 +1,10 @@
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -88,3 +95,148 @@ def test_import_reproduction_command(tmp_path, capsys):
     assert main(["import-reproduction", args[1], str(tmp_path / "bad.pt"), "-o", out + "2"]) == 2
     assert "bad.pt" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors2").exists()
+
+
+def _tiny_source(folder):
+    src = folder / "src.safetensors"
+    save_file(random_flux_state_dict(TINY_FLUX, seed=3), str(src))
+    return src
+
+
+def _one_line(err):
+    """The one ``error:`` line that ends stderr (progress lines may come before it)."""
+    lines = err.splitlines()
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert [line for line in lines if not line.startswith("quantizing")] == lines[-1:], err
+    return lines[-1]
+
+
+def _fail_fsync(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _no_access(path, mode):
+    return False
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("disk full", 4, r"out\.safetensors: No space left on device$"),
+        ("read-only folder", 4, r"ro: folder is not writable$"),
+        ("permission denied", 4, r"denied/out\.safetensors: Permission denied$"),
+        ("read-only file system", 4, r"denied/out\.safetensors: Read-only file system$"),
+        ("force onto a folder", 4, r"folder: is a directory, not a file$"),
+        ("name too long", 4, r"x{256}: file name longer than 255 bytes$"),
+        ("inside a file", 4, r"src\.safetensors: is not a folder$"),
+        ("unreadable source", 4, r"src\.safetensors: Permission denied$"),
+    ],
+)
+def test_file_system_errors_are_one_line_naming_the_file(tmp_path, monkeypatch, capsys, case,
+                                                         code, message):  # fmt: skip
+    import builtins
+
+    src = _tiny_source(tmp_path)
+    out = tmp_path / "out.safetensors"
+    extra = []
+    if case == "disk full":  # file systems report a full disk at write or at fsync
+        monkeypatch.setattr(os, "fsync", _fail_fsync)
+    elif case == "read-only folder":
+        (tmp_path / "ro").mkdir()
+        out = tmp_path / "ro" / "out.safetensors"
+        monkeypatch.setattr(os, "access", _no_access)
+    elif case in ("permission denied", "read-only file system"):
+        (tmp_path / "denied").mkdir()
+        out = tmp_path / "denied" / "out.safetensors"
+        number = errno.EACCES if case == "permission denied" else errno.EROFS
+        real_open = builtins.open
+
+        def refusing_open(file, mode="r", *args, **kwargs):
+            if "w" in mode and os.path.dirname(str(file)) == str(out.parent):
+                raise OSError(number, os.strerror(number), str(file))  # the temporary's name
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refusing_open)
+    elif case == "force onto a folder":
+        out = tmp_path / "folder"
+        out.mkdir()
+        extra = ["--force"]
+    elif case == "name too long":
+        out = tmp_path / ("x" * 256)
+    elif case == "inside a file":
+        out = src / "out.safetensors"
+    elif case == "unreadable source":
+        real_open = builtins.open
+
+        def refusing_open(file, mode="r", *args, **kwargs):
+            if str(file) == str(src):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refusing_open)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["quantize", str(src), "-o", str(out), *extra]) == code
+    assert re.search(message, _one_line(capsys.readouterr().err).strip())
+    monkeypatch.undo()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_long_name_that_fits_is_written(tmp_path):
+    out = tmp_path / ("y" * 243 + ".safetensors")  # 255 bytes
+    assert main(["quantize", str(_tiny_source(tmp_path)), "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "src.safetensors"])
+
+
+@pytest.mark.parametrize(
+    ("how", "code", "said"),
+    [("ctrl-c", 130, "interrupted (Ctrl-C)"), ("sigterm", 143, "terminated (SIGTERM)")],
+)
+def test_ctrl_c_and_sigterm_end_cleanly(tmp_path, monkeypatch, capsys, how, code, said):
+    from comfyui_ternary_flux.models import files
+
+    real = files.quantize_layer
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # mid-way through the file
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(files, "quantize_layer", interrupted)
+    src = _tiny_source(tmp_path)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["quantize", str(src), "-o", str(tmp_path / "out.safetensors")]) == code
+    assert said in _one_line(capsys.readouterr().err)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the command's only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_sigterm_from_outside_removes_the_partial_file(tmp_path):
+    """A real process, terminated while it writes: exit code 143, nothing left behind."""
+    src = _tiny_source(tmp_path)
+    script = (
+        "import sys, time\n"
+        "from comfyui_ternary_flux.models import files\n"
+        "real = files.quantize_layer\n"
+        "def slow(*a, **k):\n"
+        "    print('layer', flush=True); time.sleep(0.2); return real(*a, **k)\n"
+        "files.quantize_layer = slow\n"
+        "from comfyui_ternary_flux.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "out.safetensors"
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, "quantize", str(src), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for _ in range(3):
+        assert child.stdout.readline().strip() == "layer"
+    assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # it is writing
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); no partial output was left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]

@@ -1,15 +1,19 @@
 import json
+import os
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from comfyui_ternary_flux.models.family import ModelFamilyError
 from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
 from comfyui_ternary_flux.models.files import quantize_file, quantize_state_dict
-from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
+from comfyui_ternary_flux.models.flux1 import TINY_FLUX, FluxConfig, random_flux_state_dict
 from comfyui_ternary_flux.ternary.fileformat import (
     StreamingWriter,
     TernaryFormatError,
@@ -282,3 +286,306 @@ def test_format_v1_file_of_the_code_before_the_restructuring_loads_bit_identical
             torch.tensor([3.5]),
         )  # fmt: skip
     assert torch.equal(out, expected["out"])
+
+
+# --- Malformed and damaged files: every one is a TernaryFormatError naming the problem. ---
+
+MICRO = FluxConfig(
+    hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1, in_channels=4,
+    context_in_dim=8, vec_in_dim=8,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def micro_files(tmp_path_factory):
+    """Valid ternary files of about 80 KB (FLUX.1 architecture, hidden 32, LoRA rank 2), one
+    per packing."""
+    folder = tmp_path_factory.mktemp("micro")
+    state = random_flux_state_dict(MICRO, seed=1)
+    files = {}
+    for packing in ("base3", "2bit"):
+        tensors, layers, _ = quantize_state_dict(state, lora_rank=2, packing=packing)
+        files[packing] = folder / f"micro-{packing}.safetensors"
+        save_ternary_file(
+            files[packing], tensors, layers, packing, lora_rank=2, architecture="flux"
+        )
+    return files
+
+
+def _split(path):
+    """(header dict, the bytes after the header) of a safetensors file."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def _write(path, header, body, raw=None):
+    raw = json.dumps(header).encode() if raw is None else raw
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    return path
+
+
+def _edit_tensor(src, dst, key, edit):
+    """Copy ``src`` to ``dst`` with tensor ``key``'s bytes changed by ``edit(bytearray)``."""
+    header, body = _split(src)
+    begin, end = header[key]["data_offsets"]
+    body = bytearray(body)
+    part = bytearray(body[begin:end])
+    edit(part)
+    body[begin:end] = part
+    return _write(dst, header, bytes(body))
+
+
+@pytest.mark.parametrize(
+    ("marker", "match"),
+    [
+        ("pt", r"format 'pt'\): an ordinary safetensors model\? quantize it first"),
+        (None, r"format None\): an ordinary safetensors model\? quantize it first"),
+        ("gguf", r"marker is 'gguf'.*made by another tool; if it is an ordinary model, quantize"),
+    ],
+)
+def test_foreign_format_markers_get_a_hint(tmp_path, marker, match):
+    path = tmp_path / "plain.safetensors"
+    state = random_flux_state_dict(MICRO, seed=2)
+    save_file(state, str(path), metadata=None if marker is None else {"format": marker})
+    with pytest.raises(TernaryFormatError, match=match):
+        load_ternary_file(path)
+
+
+def _meta(**changes):
+    def edit(header):
+        header["__metadata__"].update(changes)
+
+    return edit
+
+
+def _entry(key, **changes):
+    def edit(header):
+        header[key].update(changes)
+
+    return edit
+
+
+def _set(key, value):
+    def edit(header):
+        header[key] = value
+
+    return edit
+
+
+def _rename(old, new):
+    def edit(header):
+        header[new] = header.pop(old)
+
+    return edit
+
+
+SCALE = "double_blocks.0.img_attn.qkv.weight_scale"  # F32 [96]
+NORM = "double_blocks.0.txt_attn.norm.key_norm.scale"
+MALFORMED = {
+    "deep nesting": (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    "not JSON": (b"{not json" + b" " * 7, "corrupt safetensors header"),
+    "a JSON list": (b"[1, 2, 3]", r"not a JSON object"),
+    "__metadata__ a list": (_set("__metadata__", [1]), "__metadata__ must be an object"),
+    "__metadata__ numbers": (_meta(lora_rank=2), "__metadata__ must be an object of strings"),
+    "layers a list": (_meta(layers="[1, 2]"), "layer list must be a non-empty object"),
+    "layers not JSON": (_meta(layers="{"), "corrupt layer list"),
+    "layers deep": (_meta(layers="[" * 100_000), "corrupt layer list"),
+    "layer shape zero": (
+        _meta(layers='{"single_blocks.0.linear2": [0, 160]}'),
+        r"'single_blocks.0.linear2' has shape \[0, 160\], expected \[N, K\]",
+    ),
+    "layer shape scalar": (_meta(layers='{"single_blocks.0.linear2": 5}'), "has shape 5"),
+    "layer shape float": (
+        _meta(layers='{"single_blocks.0.linear2": [32.0, 160]}'),
+        r"has shape \[32.0, 160\]",
+    ),
+    "layer shape infinite": (
+        _meta(layers='{"single_blocks.0.linear2": [Infinity, 160]}'),
+        r"has shape \[inf, 160\]",
+    ),
+    "lora_rank negative": (_meta(lora_rank="-3"), "lora_rank '-3' is not a whole number"),
+    "entry not an object": (_set(SCALE, 5), f"corrupt header entry for '{SCALE}'"),
+    "entry without offsets": (
+        _set(SCALE, {"dtype": "F32", "shape": [96]}),
+        f"corrupt header entry for '{SCALE}'",
+    ),
+    "tensor shape zero": (_entry(SCALE, shape=[0]), r"malformed shape \[0\]"),
+    "tensor shape scalar": (_entry(SCALE, shape=96), "malformed shape 96"),
+    "tensor shape float": (_entry(SCALE, shape=[96.0]), r"malformed shape \[96.0\]"),
+    "tensor shape negative": (_entry(SCALE, shape=[-96]), r"malformed shape \[-96\]"),
+    "tensor shape bool": (_entry(SCALE, shape=[True]), r"malformed shape \[True\]"),
+    "tensor shape infinite": (_entry(SCALE, shape=[float("inf")]), r"malformed shape \[inf\]"),
+    "tensor shape huge": (_entry(SCALE, shape=[2**41]), r"malformed shape \[2199023255552\]"),
+    "offsets out of file": (_entry(SCALE, data_offsets=[0, 10**12]), "truncated file"),
+    "offsets negative": (_entry(SCALE, data_offsets=[-384, 0]), "truncated file"),
+    "offsets reversed": (_entry(SCALE, data_offsets=[384, 0]), "truncated file"),
+    "offsets float": (_entry(SCALE, data_offsets=[0.0, 384]), "corrupt header entry"),
+    "offsets overlap": (_entry(SCALE, data_offsets=[0, 384]), "overlap in the file"),
+    "bytes for shape": (_entry(SCALE, shape=[95]), "bytes for its shape"),
+    "unknown dtype": (_entry(SCALE, dtype="F128"), "dtype F128, which is not supported"),
+    "dtype a number": (_entry(SCALE, dtype=3), "corrupt header entry"),
+    "block index a word": (
+        _rename(NORM, NORM.replace(".0.", ".x.")),
+        "block index 'x' is not a number",
+    ),
+    "block index not ASCII": (
+        _rename(NORM, NORM.replace(".0.", ".\u0661.")),
+        "is not a number",
+    ),
+    "block index of a billion": (
+        _rename(NORM, NORM.replace(".0.", ".1000000000.")),
+        r"double blocks \[1, 2, 3, 4\] are missing",
+    ),
+    "other size in the embedder": (
+        _entry("img_in.weight", shape=[64, 2]),
+        r"img_in.bias has shape \[32\], expected \[64\] for FLUX.1",
+    ),
+    "unknown family": (_meta(architecture="sd3"), "unknown model family 'sd3'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_headers_are_format_errors(tmp_path, micro_files, case):
+    edit, match = MALFORMED[case]
+    header, body = _split(micro_files["base3"])
+    path = tmp_path / "bad.safetensors"
+    if isinstance(edit, bytes):
+        _write(path, header, body, raw=edit)
+    else:
+        header = json.loads(json.dumps(header))
+        offset = header[SCALE]["data_offsets"][0]
+        if case == "offsets overlap":  # the scale's bytes moved onto the tensor before it
+            edit = _entry(SCALE, data_offsets=[offset - 8, offset + 376])
+        edit(header)
+        _write(path, header, body)
+    with pytest.raises(TernaryFormatError, match=match):
+        load_ternary_file(path)
+
+
+def _nan(part):
+    part[0:4] = struct.pack("<f", float("nan"))
+
+
+def _inf(part):
+    part[-4:] = struct.pack("<f", float("inf"))
+
+
+DAMAGED = {
+    "2bit code 3": ("2bit", "single_blocks.0.linear1.weight", lambda p: p.__setitem__(5, 0xFF),
+                    "1 bytes with the invalid 2-bit code 3"),
+    "base3 byte 243": ("base3", "single_blocks.0.linear1.weight",
+                       lambda p: p.__setitem__(7, 243), "base3 bytes above 242"),
+    "NaN scale": ("base3", SCALE, _nan, f"{SCALE} holds NaN or infinite values"),
+    "infinite alpha": ("base3", "single_blocks.0.linear2.lora_alpha", _inf,
+                       "single_blocks.0.linear2.lora_alpha holds NaN or infinite values"),
+    "NaN dense weight": ("2bit", "img_in.weight", lambda p: p.__setitem__(slice(0, 2), b"\xc0\x7f"),
+                         "img_in.weight holds NaN or infinite values"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_damaged_tensor_contents_are_refused_by_the_loader_and_by_info(
+    tmp_path, micro_files, capsys, case
+):
+    from comfyui_ternary_flux.cli.main import main
+
+    packing, key, edit, match = DAMAGED[case]
+    bad = _edit_tensor(micro_files[packing], tmp_path / "bad.safetensors", key, edit)
+    with pytest.raises(TernaryFormatError, match=match):
+        load_ternary_file(bad)
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad.safetensors: ") and re.search(match, err)
+    assert err.count("\n") == 1  # one line, no traceback
+    assert main(["info", str(micro_files[packing])]) == 0
+
+
+def test_quantizing_a_ternary_file_says_already_ternary_first(tmp_path, micro_files, capsys):
+    from comfyui_ternary_flux.cli.main import main
+
+    with pytest.raises(TernaryFormatError, match="already ternary .* nothing to quantize"):
+        quantize_file(micro_files["base3"], tmp_path / "again.safetensors")
+    assert main(["quantize", str(micro_files["2bit"]), "-o", str(tmp_path / "b.safetensors")]) == 2
+    captured = capsys.readouterr()
+    assert "already ternary" in captured.err and "quantizing" not in captured.err
+    assert _files(tmp_path) == []
+
+
+def test_quantize_refuses_sources_with_overlapping_or_negative_offsets(tmp_path):
+    src = tmp_path / "src.safetensors"
+    save_file(random_flux_state_dict(MICRO, seed=3), str(src))
+    header, body = _split(src)
+    key = "img_in.weight"
+    begin, end = header[key]["data_offsets"]
+    for offsets, match in (([begin - 2, end - 2], "overlap"), ([-2, end - begin - 2], "truncated")):
+        header[key]["data_offsets"] = offsets
+        _write(tmp_path / "bad.safetensors", header, body)
+        with pytest.raises(TernaryFormatError, match=match):
+            quantize_file(tmp_path / "bad.safetensors", tmp_path / "out.safetensors")
+    assert _files(tmp_path) == ["bad.safetensors", "src.safetensors"]
+
+
+# --- Fuzzing: whatever is done to a valid file, the loader answers with its own error. ---
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _mutate_header(header, draw_path, value):
+    """Replace the value at a path of keys (the header's own keys picked by index)."""
+    node = header
+    for step in draw_path[:-1]:
+        if isinstance(node, dict) and node:
+            node = node[sorted(node)[step % len(node)]]
+        elif isinstance(node, list) and node:
+            node = node[step % len(node)]
+    last = draw_path[-1]
+    if isinstance(node, dict) and node:
+        node[sorted(node)[last % len(node)]] = value
+    elif isinstance(node, list) and node:
+        node[last % len(node)] = value
+
+
+@settings(
+    max_examples=int(os.environ.get("TERNARY_FLUX_FUZZ_EXAMPLES", 150)),
+    deadline=2000,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_fuzzed_files_give_only_format_errors(tmp_path, micro_files, data):
+    """Bytes flipped anywhere, header values replaced by any JSON, metadata strings replaced,
+    files cut or extended: loading either succeeds or raises TernaryFormatError."""
+    packing = data.draw(st.sampled_from(sorted(micro_files)))
+    raw = micro_files[packing].read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, body = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    kind = data.draw(st.sampled_from(["bytes", "header", "metadata", "length"]))
+    if kind == "bytes":
+        blob = bytearray(raw)
+        for _ in range(data.draw(st.integers(1, 8))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+        blob = bytes(blob)
+    elif kind == "header":
+        path = data.draw(st.lists(st.integers(0, 10_000), min_size=1, max_size=4))
+        _mutate_header(header, path, data.draw(JSON_VALUES))
+        blob = struct.pack("<Q", len(encoded := json.dumps(header).encode())) + encoded + body
+    elif kind == "metadata":
+        meta = header["__metadata__"]
+        key = data.draw(st.sampled_from(sorted(meta)))
+        meta[key] = data.draw(st.text(max_size=40) | JSON_VALUES.map(json.dumps))
+        blob = struct.pack("<Q", len(encoded := json.dumps(header).encode())) + encoded + body
+    else:
+        cut = data.draw(st.integers(0, len(raw) + 64))
+        blob = raw[:cut] + bytes(max(cut - len(raw), 0))
+    path = tmp_path / "fuzzed.safetensors"
+    path.write_bytes(blob)
+    try:
+        load_ternary_file(path)
+    except TernaryFormatError:
+        pass

@@ -31,21 +31,26 @@ import folder_paths  # noqa: E402
 
 from comfyui_ternary_flux.nodes import lora_branches  # noqa: E402
 from comfyui_ternary_flux.nodes.extension import TernaryFluxExtension  # noqa: E402
+from comfyui_ternary_flux.nodes.load_node import LoadTernaryDiffusionModel  # noqa: E402
 from comfyui_ternary_flux.nodes.model_io import (  # noqa: E402
     check_bf16_flux,
     check_flux,
     dense_state_dict,
     patcher_from_state_dict,
 )
+from comfyui_ternary_flux.nodes.quantize_node import QuantizeModelToTernary  # noqa: E402
 from comfyui_ternary_flux.nodes.report_node import (  # noqa: E402
     TernaryReport,
     measure,
     step_inputs,
 )
 from comfyui_ternary_flux.nodes.reproduction_node import LoadReproductionCheckpoint  # noqa: E402
-from comfyui_ternary_flux.nodes.save_node import ternary_file_tensors  # noqa: E402
+from comfyui_ternary_flux.nodes.save_node import (  # noqa: E402
+    SaveTernaryModel,
+    ternary_file_tensors,
+)
 from comfyui_ternary_flux.nodes.ternary_ops import ComfyTernaryLinear, ternary_modules  # noqa: E402
-from comfyui_ternary_flux.ternary.fileformat import save_ternary_file  # noqa: E402
+from comfyui_ternary_flux.ternary.fileformat import read_header, save_ternary_file  # noqa: E402
 
 H = TINY_FLUX.hidden_size
 
@@ -76,7 +81,7 @@ def assert_close(out, ref, tol=1e-4):
 
 def test_ternary_layers_replace_exactly_the_block_linears(quantized):
     tensors, layers = quantized
-    patcher = patcher_from_state_dict(tensors)
+    patcher = patcher_from_state_dict(tensors, scale_rule="absmean")
     found = ternary_modules(patcher)
     assert set(found) == set(layers)
     assert all(is_block_linear(name) for name in found)
@@ -87,7 +92,7 @@ def test_ternary_layers_replace_exactly_the_block_linears(quantized):
 
 def test_forward_matches_comfyui_on_the_dequantized_model(quantized):
     tensors, layers = quantized
-    out = run(patcher_from_state_dict(tensors))
+    out = run(patcher_from_state_dict(tensors, scale_rule="absmean"))
     ref = run(comfy.sd.load_diffusion_model_state_dict(dequantized(tensors, layers)))
     assert_close(out, ref)
 
@@ -121,7 +126,7 @@ def with_lora(patcher, lora, strength):
 def test_comfyui_lora_runs_as_branches_with_the_right_strength(quantized, strength):
     tensors, layers = quantized
     lora = lora_file()
-    base = patcher_from_state_dict(tensors)
+    base = patcher_from_state_dict(tensors, scale_rule="absmean")
     qkv = ternary_modules(base)["double_blocks.0.img_attn.qkv"]
     packed = qkv.weight.clone()
     patched = with_lora(base, lora, strength)
@@ -135,13 +140,13 @@ def test_comfyui_lora_runs_as_branches_with_the_right_strength(quantized, streng
         )
     )
     assert_close(out, ref)
-    no_lora = run(patcher_from_state_dict(tensors))
+    no_lora = run(patcher_from_state_dict(tensors, scale_rule="absmean"))
     assert float((out - no_lora).norm() / no_lora.norm()) > 1e-3
 
 
 def test_base_model_is_clean_again_after_a_lora_run(quantized):
     tensors, _ = quantized
-    base = patcher_from_state_dict(tensors)
+    base = patcher_from_state_dict(tensors, scale_rule="absmean")
     before = run(base, seed=5)
     run(with_lora(base, lora_file(), 1.0), seed=5)
     assert torch.equal(run(base, seed=5), before)
@@ -173,7 +178,9 @@ def test_lokr_and_diff_run_as_one_exact_dense_patch(quantized):
         f"{prefix}.lokr_w2": 0.1 * torch.randn(n // 16, k // 16, generator=gen),
     }
     diff = {f"{prefix}.diff": 0.01 * torch.randn(n, k, generator=gen)}
-    patched = with_lora(with_lora(patcher_from_state_dict(tensors), lokr, 0.8), diff, -0.5)
+    patched = with_lora(
+        with_lora(patcher_from_state_dict(tensors, scale_rule="absmean"), lokr, 0.8), diff, -0.5
+    )
     with ShapeLog() as log:
         out = run(patched)
     assert (n, n) not in log.shapes  # no identity "up" of the old dense branch
@@ -187,7 +194,7 @@ def test_dora_is_refused_with_a_message(quantized):
     tensors, _ = quantized
     lora = lora_file()
     lora["lora_unet_single_blocks_1_linear1.dora_scale"] = torch.ones(1, H)
-    patched = with_lora(patcher_from_state_dict(tensors), lora, 1.0)
+    patched = with_lora(patcher_from_state_dict(tensors, scale_rule="absmean"), lora, 1.0)
     with pytest.raises(
         lora_branches.UnsupportedPatchError, match="single_blocks.1.linear1.weight: DoRA"
     ):
@@ -196,19 +203,21 @@ def test_dora_is_refused_with_a_message(quantized):
 
 def test_save_load_round_trip_is_identical(quantized, tmp_path):
     tensors, _ = quantized
-    patcher = patcher_from_state_dict(tensors)
+    patcher = patcher_from_state_dict(tensors, scale_rule="absmean")
     for packing in ("2bit", "base3"):
         data, layers, rank = ternary_file_tensors(patcher, packing)
         path = tmp_path / f"model_{packing}.safetensors"
         save_ternary_file(path, data, layers, packing=packing, lora_rank=rank)
         loaded = load_ternary_file(path)
         assert loaded.lora_rank == 4
-        assert torch.equal(run(patcher_from_state_dict(loaded.state_dict)), run(patcher))
+        assert torch.equal(
+            run(patcher_from_state_dict(loaded.state_dict, scale_rule="absmean")), run(patcher)
+        )
 
 
 def test_saving_a_patched_model_is_refused(quantized):
     tensors, _ = quantized
-    patched = with_lora(patcher_from_state_dict(tensors), lora_file(), 1.0)
+    patched = with_lora(patcher_from_state_dict(tensors, scale_rule="absmean"), lora_file(), 1.0)
     with pytest.raises(ValueError, match="LoRA"):
         ternary_file_tensors(patched, "2bit")
 
@@ -252,7 +261,7 @@ class NotFlux:
 def test_quantize_refuses_non_flux_and_ternary_models(quantized):
     tensors, _ = quantized
     with pytest.raises(ValueError, match="already ternary"):
-        check_flux(patcher_from_state_dict(tensors))
+        check_flux(patcher_from_state_dict(tensors, scale_rule="absmean"))
 
     with pytest.raises(ValueError, match=r"not a model this pack knows \(top-level keys: bias"):
         check_flux(NotFlux)
@@ -284,7 +293,7 @@ def velocity(patcher, inputs) -> torch.Tensor:
 
 def test_report_measures_the_model_call_of_the_sampler(quantized):
     tensors, layers = quantized
-    ternary = patcher_from_state_dict(tensors)
+    ternary = patcher_from_state_dict(tensors, scale_rule="absmean")
     source = comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=1))
     gen = torch.Generator().manual_seed(9)
     context = torch.randn(1, 7, TINY_FLUX.context_in_dim, generator=gen)
@@ -309,7 +318,7 @@ def test_report_measures_the_model_call_of_the_sampler(quantized):
 
 def test_report_node_shows_a_table_and_a_chart(quantized):
     tensors, _ = quantized
-    ternary = patcher_from_state_dict(tensors)
+    ternary = patcher_from_state_dict(tensors, scale_rule="absmean")
     source = comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=1))
     result = TernaryReport.execute(ternary, 64, 64, 1, 3, reference=source)
     chart, text = result.args
@@ -327,7 +336,7 @@ def test_report_node_shows_a_table_and_a_chart(quantized):
 
 def test_report_refuses_bad_models(quantized):
     tensors, _ = quantized
-    ternary = patcher_from_state_dict(tensors)
+    ternary = patcher_from_state_dict(tensors, scale_rule="absmean")
     with pytest.raises(ValueError, match="reference: connect the dense bf16 FLUX model"):
         TernaryReport.execute(ternary, 64, 64, 1, 0, reference=ternary)
     with pytest.raises(ValueError, match="multiples of 16"):
@@ -362,7 +371,9 @@ def test_reproduction_node_builds_the_importers_model(reproduction):
     for name, layer in found.items():
         assert torch.equal(layer.weight, expected.tensors[f"{name}.weight"])
         assert torch.equal(layer.weight_scale, expected.tensors[f"{name}.weight_scale"])
-    assert torch.equal(run(model), run(patcher_from_state_dict(expected.tensors)))
+    assert torch.equal(
+        run(model), run(patcher_from_state_dict(expected.tensors, scale_rule="absmean"))
+    )
     assert torch.equal(run(base), before)  # the input MODEL is untouched
 
 
@@ -376,7 +387,7 @@ def test_reproduction_node_refuses_what_is_not_the_bf16_base(reproduction, quant
         (load(fp16), "img_in.weight is float32 with values that are not bf16 values"),
         (load(dict(bfl), model_options={"dtype": torch.float8_e4m3fn}), "float8_e4m3fn"),
         (with_lora(load(dict(bfl)), bias_diff, 1.0), "carries patches on 1 weights"),
-        (patcher_from_state_dict(quantized[0]), "already ternary"),
+        (patcher_from_state_dict(quantized[0], scale_rule="absmean"), "already ternary"),
         (NotFlux, "not a FLUX.1 diffusion model: missing img_in.weight"),
     ]
     for model, message in cases:
@@ -424,7 +435,7 @@ def test_ternary_models_use_the_legacy_patcher_under_dynamic_vram(quantized, mon
 
     monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", DynamicDefault)
     tensors, _ = quantized
-    patcher = patcher_from_state_dict(tensors)
+    patcher = patcher_from_state_dict(tensors, scale_rule="absmean")
     assert type(patcher) is comfy.model_patcher.ModelPatcher
     dense = comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=1))
     assert type(dense) is DynamicDefault  # ComfyUI's own models are unaffected
@@ -454,10 +465,80 @@ def test_torch_compile_model_node_on_an_in_memory_ternary_model(quantized):
     )
     eager, compiled = {}, {}
     for bits in (16, 8):
-        patcher = patcher_from_state_dict(tensors, act_bits=bits)
+        patcher = patcher_from_state_dict(tensors, act_bits=bits, scale_rule="absmean")
         eager[bits] = sample(patcher)
         compiled[bits], breaks = compiled_sample(patcher)
         assert breaks == dense_breaks
     assert_close(compiled[16], eager[16], 1e-5)
     gap = float((eager[8] - eager[16]).norm() / eager[16].norm())
     assert_close(compiled[8], eager[8], gap)
+
+
+@pytest.fixture
+def ternary_folder(tmp_path, monkeypatch):
+    """An empty models/ternary in a temporary folder."""
+    folder = tmp_path / "models" / "ternary"
+    folder.mkdir(parents=True)
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "ternary", ([str(folder)], {".pt", ".safetensors"})
+    )
+    return folder
+
+
+def test_save_writes_the_models_scale_rule_and_family(ternary_folder):
+    bfl = random_flux_state_dict(TINY_FLUX, seed=2)
+    dense = comfy.sd.load_diffusion_model_state_dict(dict(bfl))
+    (model, _) = QuantizeModelToTernary.execute(dense, 2, "lsq", "16-bit").args
+    (name,) = SaveTernaryModel.execute(model, "lsq_model", "base3").args
+    metadata, _ = read_header(ternary_folder / name)
+    assert metadata["scale_rule"] == "lsq" and metadata["architecture"] == "flux"
+    # Loaded again and saved again, the file's rule travels with the model.
+    (loaded,) = LoadTernaryDiffusionModel.execute(name, "16-bit").args
+    (again,) = SaveTernaryModel.execute(loaded, "lsq_model", "2bit").args
+    assert again == "lsq_model_00001.safetensors"
+    assert read_header(ternary_folder / again)[0]["scale_rule"] == "lsq"
+    unknown = patcher_from_state_dict(quantize_state_dict(bfl)[0], scale_rule=None)
+    with pytest.raises(ValueError, match="do not say one scale rule"):
+        SaveTernaryModel.execute(unknown, "unknown", "base3")
+    assert sorted(p.name for p in ternary_folder.iterdir()) == [name, again]
+
+
+def test_quantize_report_counts_stored_bytes_like_the_command_line(ternary_folder, tmp_path):
+    from comfyui_ternary_flux.models.files import quantize_file
+
+    bfl = random_flux_state_dict(TINY_FLUX, seed=2)
+    save_file(bfl, tmp_path / "bf16.safetensors")
+    cli = quantize_file(tmp_path / "bf16.safetensors", tmp_path / "cli.safetensors")
+    dense = comfy.sd.load_diffusion_model_state_dict(dict(bfl))  # float32 on the CPU
+    assert next(dense.model.diffusion_model.parameters()).dtype == torch.float32
+    (model, report) = QuantizeModelToTernary.execute(dense, 0, "absmean", "16-bit").args
+    (name,) = SaveTernaryModel.execute(model, "saved", "base3").args
+
+    def line(text, label):
+        return next(row for row in text.splitlines() if row.startswith(label))
+
+    assert line(report, "bytes before") == line(cli.format(), "bytes before")
+    assert line(report, "size ratio") == line(cli.format(), "size ratio")
+    saved = (ternary_folder / name).stat().st_size
+    stated = int(line(report, "bytes after").split()[2].replace(",", ""))
+    assert abs(stated - saved) <= 64  # the header's key order may differ by a few digits
+
+
+def test_save_cannot_escape_models_ternary_through_a_link(ternary_folder, tmp_path):
+    quantized = quantize_state_dict(random_flux_state_dict(TINY_FLUX, seed=2))[0]
+    model = patcher_from_state_dict(quantized, scale_rule="absmean")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (ternary_folder / "linked").symlink_to(outside, target_is_directory=True)
+    (ternary_folder / "dangling.safetensors").symlink_to(outside / "x.safetensors")
+    for name in ("linked/escaped", "linked/deeper/escaped"):
+        with pytest.raises(ValueError, match="leads through a link to .*outside models/ternary"):
+            SaveTernaryModel.execute(model, name, "base3")
+    # a link that already exists as the file name is never written through: a new name
+    (saved,) = SaveTernaryModel.execute(model, "dangling", "base3").args
+    assert saved == "dangling_00001.safetensors"
+    (inside := ternary_folder / "sub").mkdir()
+    (ternary_folder / "alias").symlink_to(inside, target_is_directory=True)
+    (kept,) = SaveTernaryModel.execute(model, "alias/model", "base3").args
+    assert (inside / kept).is_file()
+    assert list(outside.iterdir()) == []

@@ -22,7 +22,7 @@ from comfyui_ternary_flux.models.flux1_torch import (
 from comfyui_ternary_flux.models.reproduction import CheckpointError, import_reproduction
 from comfyui_ternary_flux.ternary.module import TernaryLinear
 from comfyui_ternary_flux.ternary.packing import unpack_2bit
-from comfyui_ternary_flux.ternary.quantize import ternarize
+from comfyui_ternary_flux.ternary.quantize import residual_factors, ternarize
 
 CONFIG = TINY_FLUX
 SWAPPED = "final_layer.adaLN_modulation.1"
@@ -79,16 +79,26 @@ def to_diffusers(bfl: dict[str, torch.Tensor], config=CONFIG):
 
 
 def make_checkpoint(linears, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A reproduction-style state dict: bf16 scale [out, 1], lora_A = UP, lora_B = DOWN."""
+    """A reproduction-style state dict: bf16 scale [out, 1], lora_A = UP, lora_B = DOWN.
+
+    Like a trained one: scales moved away from absmean, and a LoRA that started as the SVD of
+    the base's quantization residual W - s T and moved by as much again in random directions
+    (median cosine with the residual on these weights: 0.10 at rank 4, 0.18 at rank 16, 0.33
+    at rank 64; below 0.01 on another base)."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, (w, _) in linears.items():
         n, k = w.shape
         absmean = w.float().abs().mean(dim=1, keepdim=True)
-        state[f"{name}.scale"] = (absmean * (1 + 0.2 * torch.randn(n, 1, generator=gen))).bfloat16()
+        scale = (absmean * (1 + 0.2 * torch.randn(n, 1, generator=gen))).bfloat16()
+        state[f"{name}.scale"] = scale
         if rank:
-            state[f"{name}.lora_A"] = (0.05 * torch.randn(n, rank, generator=gen)).bfloat16()
-            state[f"{name}.lora_B"] = (torch.randn(rank, k, generator=gen) / k**0.5).bfloat16()
+            t, _ = ternarize(w)
+            down, up = residual_factors(w.float() - t.float() * scale.float(), rank, seed)
+            up = up + up.std() * torch.randn(n, rank, generator=gen)
+            down = down + down.std() * torch.randn(rank, k, generator=gen)
+            state[f"{name}.lora_A"] = up.bfloat16()
+            state[f"{name}.lora_B"] = down.bfloat16()
     return state
 
 
@@ -143,12 +153,12 @@ def check_against_reproduction(tensors, layers, bfl, state):
             )
             y = layer(x)
             torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10, msg=module)
-        else:  # outside the blocks: dense bf16 s T + A B, equal up to bf16 rounding
-            assert tensors[f"{module}.weight"].dtype == torch.bfloat16
+        else:  # outside the blocks: dense float32 s T + A B, equal to float32 rounding
+            assert tensors[f"{module}.weight"].dtype == torch.float32
             y = F.linear(
                 x, tensors[f"{module}.weight"].double(), tensors[f"{module}.bias"].double()
             )
-            assert torch.all((y - ref).abs() <= 2**-8 * bound + 1e-12), module
+            assert torch.all((y - ref).abs() <= 2**-22 * bound + 1e-12), module
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +246,8 @@ def test_fused_lora_is_block_diagonal(files, tiny):
 
 def test_imported_model_runs_like_the_reproduction(files, tiny):
     """Whole tiny FLUX: the imported model in this pack's model code vs a dense model of the
-    reproduction's effective weights s T + A B (float64), those outside the blocks rounded
-    to bf16 as the importer stores them."""
+    reproduction's own formula, effective weights s T + A B in float64: equal to float32
+    rounding (the layers outside the blocks are stored as float32)."""
     bfl, linears, state = tiny
     result = import_reproduction(*files[:2], packing="2bit")
     imported = ternary_flux_from_state_dict(result.tensors, result.layers, dtype=torch.float64)
@@ -251,7 +261,7 @@ def test_imported_model_runs_like_the_reproduction(files, tiny):
             weights.append(t.double() * state[f"{name}.scale"].double() + up @ down)
         w = torch.cat(weights)
         w = torch.cat([w[h:], w[:h]]) if module == SWAPPED else w
-        effective[f"{module}.weight"] = w if module in result.layers else w.bfloat16().double()
+        effective[f"{module}.weight"] = w
     reference = flux_from_state_dict(effective, dtype=torch.float64)
     gen = torch.Generator().manual_seed(2)
     batch = dict(
@@ -263,7 +273,7 @@ def test_imported_model_runs_like_the_reproduction(files, tiny):
     )
     with torch.no_grad():
         want, got = reference(**batch), imported(**batch)
-    assert float((got - want).norm() / want.norm()) < 1e-6
+    assert float((got - want).norm() / want.norm()) < 1e-6  # bf16 outside layers: 2.5e-3
 
 
 def expect_failure(files, error, match, **kwargs):
@@ -327,7 +337,9 @@ def test_non_finite_values_leave_no_partial_file(files, tiny):
         )
 
     edit_checkpoint(files, tiny, poison)
-    expect_failure(files, CheckpointError, r"single_blocks\.1\.linear2 is not finite")
+    expect_failure(
+        files, CheckpointError, r"single_transformer_blocks\.1\.proj_out\.scale holds NaN or inf"
+    )
 
 
 def test_base_that_is_not_flux(files):
@@ -347,6 +359,9 @@ def test_base_that_is_not_bf16(files, tiny):
         ({"x": argparse.Namespace(a=1)}, "holds a argparse.Namespace object"),
         ({"x.scale": torch.zeros(2, dtype=torch.int8)}, "expected float tensors"),
         (b"not a checkpoint", "not a PyTorch checkpoint"),
+        ({3: torch.zeros(2)}, "key 3 is a int, not a layer name"),
+        ({"x.scale": torch.zeros(2).to(torch.float8_e4m3fn)}, "found torch.float8_e4m3fn"),
+        ({"x.scale": torch.zeros(2, 2).to_sparse()}, "x.scale is a torch.sparse_coo tensor"),
     ],
 )
 def test_checkpoint_that_is_not_a_state_dict(files, content, match):
@@ -365,3 +380,52 @@ def test_existing_output_needs_overwrite(files):
     assert out.read_bytes() == b"keep me"
     import_reproduction(base, ckpt, out, overwrite=True)
     assert load_ternary_file(out).lora_rank == 16
+
+
+def test_a_base_with_other_weights_is_refused(files, tiny):
+    """Same architecture, other weights: the LoRAs do not fit its quantization residual."""
+    base, ckpt, out = files
+    import_reproduction(base, ckpt, out)
+    cosine = float(load_ternary_file(out).metadata["base_cosine"])
+    assert 0.1 < cosine < 1  # rank 16 on the right base
+    out.unlink()
+    save_file(random_flux_state_dict(CONFIG, seed=99), base)
+    expect_failure(
+        files, CheckpointError,
+        r"ckpt.pt was not trained on base.safetensors: .* \(median cosine -?0\.00\d over 24 layers",
+    )  # fmt: skip
+    # Scales alone (rank 0) give nothing to compare: imported, and the file says so.
+    torch.save(make_checkpoint(to_diffusers(tiny[0])[0], rank=0), ckpt)
+    import_reproduction(base, ckpt, out)
+    assert "base_cosine" not in load_ternary_file(out).metadata
+
+
+def test_a_damaged_checkpoint_is_refused_by_its_checksums(files):
+    """torch.load accepts a zip member with a flipped byte; the CRC-32 check does not."""
+    import zipfile
+
+    base, ckpt, out = files
+    with zipfile.ZipFile(ckpt) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(ckpt.read_bytes())
+    start = member.header_offset + 30 + len(member.filename) + len(member.extra)
+    data[start + member.file_size // 2] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    assert torch.load(ckpt, weights_only=True)  # torch itself does not notice
+    expect_failure(
+        files, CheckpointError, rf"ckpt.pt: damaged: member {member.filename} does not match"
+    )
+    ckpt.write_bytes(bytes(data[: len(data) - 30]))  # the end of the archive cut off
+    expect_failure(files, CheckpointError, "ckpt.pt")
+
+
+def test_a_float64_checkpoint_is_written_as_a_file_its_reader_accepts(files, tiny):
+    base, ckpt, out = files
+    torch.save({k: v.double() for k, v in tiny[2].items()}, ckpt)
+    import_reproduction(base, ckpt, out)
+    loaded = load_ternary_file(out)
+    assert loaded.state_dict["single_blocks.0.linear2.lora_down"].dtype == torch.float32
+    assert torch.equal(
+        loaded.state_dict["single_blocks.0.linear2.lora_down"],
+        tiny[2]["single_transformer_blocks.0.proj_out.lora_B"].float(),
+    )

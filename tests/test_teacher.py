@@ -117,3 +117,72 @@ def test_bad_settings_are_refused():
         TeacherSettings.from_dict({"stpes": 3})
     with pytest.raises(TeacherDataError, match="points_per_prompt"):
         TeacherSettings(points_per_prompt=0)
+
+
+def _flip_data_byte(path, offset_from_end=100):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_shard_is_refused_by_training_and_rebuilt_by_a_resumed_build(tmp_path):
+    data = tmp_path / "data"
+    build_data(data)
+    good = (data / shard_name(1)).read_bytes()
+    _flip_data_byte(data / shard_name(1))
+    dataset = TeacherDataset(data)
+    dataset.example(0)  # shard 0 is fine
+    with pytest.raises(TeacherDataError, match=rf"{shard_name(1)}: damaged: its tensors do not "
+                       "match the sha256 in its header; delete it and build"):  # fmt: skip
+        dataset.example(4)  # prompt 2, in shard 1
+    messages = []
+    build_data(data, log=messages.append)
+    assert any(f"{shard_name(1)} is damaged or of another build; building it again" in m
+               for m in messages)  # fmt: skip
+    assert (data / shard_name(1)).read_bytes() == good
+    (data / shard_name(2)).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      x")
+    with pytest.raises(TeacherDataError, match=rf"{shard_name(2)}: not a readable shard"):
+        TeacherDataset(data).example(10)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("shards"), "manifest.json: no usable shard list; build the data set"),
+        (lambda m: m.update(shards=[]), "no usable shard list"),
+        (lambda m: m.update(shards=[{"file": 3}]), "no usable shard list"),
+        (lambda m: m.update(settings="x"), "no usable shard list"),
+        (lambda m: m["shards"][0].update(file="shard-09999.safetensors"),
+         "shard-09999.safetensors is listed in .*manifest.json but missing"),
+        (lambda m: m["settings"].update(width="wide"), "manifest.json: bad settings"),
+        ("{not json", "manifest.json: damaged"),
+    ],
+)  # fmt: skip
+def test_broken_manifests_are_named(tmp_path, edit, message):
+    data = tmp_path / "data"
+    build_data(data, prompts=PROMPTS[:2])
+    path = data / "manifest.json"
+    if isinstance(edit, str):
+        path.write_text(edit)
+    else:
+        manifest = json.loads(path.read_text())
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+    with pytest.raises(TeacherDataError, match=message):
+        TeacherDataset(data)
+
+
+def test_the_distill_command_names_a_damaged_shard_in_one_line(tmp_path, capsys):
+    from distill_helpers import tiny_config, write_teacher_file
+
+    from comfyui_ternary_flux.cli.main import main
+
+    build_data(tmp_path / "data")
+    write_teacher_file(tmp_path / "teacher.safetensors")
+    config = tiny_config(tmp_path, steps=2).as_dict()
+    (tmp_path / "distill.json").write_text(json.dumps(config))
+    _flip_data_byte(tmp_path / "data" / shard_name(0))
+    assert main(["distill", str(tmp_path / "distill.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {tmp_path / 'data' / shard_name(0)}: damaged" in err
+    assert not (tmp_path / "out.safetensors").exists()

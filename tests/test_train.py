@@ -13,12 +13,13 @@ from comfyui_ternary_flux.distill.config import (
     DistillConfigError,
     load_config,
 )
-from comfyui_ternary_flux.distill.progress import read_progress
+from comfyui_ternary_flux.distill.progress import WorkDirBusy, read_progress
 from comfyui_ternary_flux.distill.student import load_student
 from comfyui_ternary_flux.distill.teacher import TeacherDataset
-from comfyui_ternary_flux.distill.train import distill
+from comfyui_ternary_flux.distill.train import TrainingDiverged, distill
 from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
 from comfyui_ternary_flux.models.flux1_torch import ternary_flux_from_state_dict
+from comfyui_ternary_flux.ternary.integrity import DamagedFileError
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def workspace(tmp_path_factory):
 
 def run(config, **kwargs):
     student = load_student(config.model, config.lora_rank, dtype=torch.float32)
-    return distill(student, TeacherDataset(config.data), config, log=lambda _: None, **kwargs)
+    kwargs.setdefault("log", lambda _: None)
+    return distill(student, TeacherDataset(config.data), config, **kwargs)
 
 
 def test_loss_decreases_and_output_loads(workspace, tmp_path):
@@ -153,3 +155,140 @@ def test_config_files(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DistillConfigError, match="cannot parse"):
         load_config(tmp_path / "bad.json")
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(workspace, tmp_path):
+    from test_integrity import flip_member_byte
+
+    whole = tiny_config(workspace, output=tmp_path / "a.safetensors", work_dir=tmp_path / "a")
+    run(whole)
+    config = tiny_config(workspace, output=tmp_path / "b.safetensors", work_dir=tmp_path / "b")
+    calls = []
+    run(config, should_stop=lambda: calls.append(1) or len(calls) == 4)
+    work = tmp_path / "b"
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert torch.load(work / "checkpoint.prev.pt", weights_only=True)["step"] == 2
+    flip_member_byte(work / "checkpoint.pt")
+    messages = []
+    result = run(config, log=messages.append)
+    assert any("checkpoint.pt: damaged: member" in m and "moved to checkpoint.pt.damaged" in m
+               for m in messages), messages  # fmt: skip
+    assert f"resuming from {work / 'checkpoint.prev.pt'} at step 2" in messages
+    assert len(result.losses) == 4  # steps 3 to 6 again
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert (work / "checkpoint.pt.damaged").exists()
+
+
+def test_when_every_checkpoint_is_damaged_the_message_says_how_to_go_on(workspace, tmp_path):
+    from test_integrity import flip_member_byte
+
+    config = tiny_config(workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w")
+    calls = []
+    run(config, should_stop=lambda: calls.append(1) or len(calls) == 4)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        flip_member_byte(tmp_path / "w" / name)
+    with pytest.raises(DamagedFileError, match=r"checkpoint.pt: damaged: .* No good checkpoint "
+                       r"is left: run again to start from step 0"):  # fmt: skip
+        run(config)
+    assert not (tmp_path / "o.safetensors").exists()
+    result = run(config)  # not blocked: it starts again
+    assert result.step == 6 and len(result.losses) == 6
+
+
+def test_a_non_finite_loss_stops_the_run_and_writes_nothing(workspace, tmp_path):
+    config = tiny_config(workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w")
+    student = load_student(config.model, config.lora_rank, dtype=torch.float32)
+    with torch.no_grad():
+        student.double_blocks[0].img_attn.qkv.lora_up.fill_(float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"step 1: the loss is (nan|inf): training "
+                       r"diverged .*/o.safetensors was not written"):  # fmt: skip
+        distill(student, TeacherDataset(config.data), config, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+    assert not (tmp_path / "w" / "checkpoint.pt").exists()
+    status = read_progress(tmp_path / "w")[0]
+    assert status["state"] == "failed" and "training diverged" in status["error"]
+
+
+def test_a_non_finite_trained_tensor_is_never_saved(workspace, tmp_path):
+    config = tiny_config(workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w")
+    student = load_student(config.model, config.lora_rank, dtype=torch.float32)
+
+    def poison(step, loss):
+        if step == 2:  # after the update, before the step-2 checkpoint
+            with torch.no_grad():
+                student.single_blocks[1].linear2.weight_scale[3] = float("nan")
+
+    with pytest.raises(TrainingDiverged, match=r"step 2: single_blocks.1.linear2.weight_scale "
+                       "became NaN or infinite; no checkpoint"):  # fmt: skip
+        distill(student, TeacherDataset(config.data), config, on_step=poison, log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["lock", "log.jsonl",
+                                                                "status.json"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr_lora": float("nan")}, "lr_lora must be a finite number, got nan"),
+        ({"lr_scale": float("inf")}, "lr_scale must be a finite number, got inf"),
+        ({"lr_lora": 1e30}, r"lr_lora 1e\+30 is far too large \(at most 1.0"),
+        ({"lr_scale": 2.0}, "lr_scale 2.0 is far too large"),
+        ({"weight_decay": float("-inf")}, "weight_decay must be a finite number"),
+        ({"lora_rank": "-3"}, "lora_rank must be a int, got '-3'"),
+        ({"lora_rank": -3}, "lora_rank must be at least 1, got -3"),
+        ({"lora_rank": 4.0}, "lora_rank must be a int, got 4.0"),
+    ],
+)
+def test_values_that_cannot_train_are_refused(workspace, change, message):
+    with pytest.raises(DistillConfigError, match=message):
+        tiny_config(workspace, **change)
+
+
+def test_impossible_runs_are_refused_before_any_training(workspace, tmp_path, monkeypatch):
+    import os
+
+    data = TeacherDataset(workspace / "data")
+    assert len(data) == 12
+    cases = [
+        ({"batch_size": 10**9}, ValueError, r"batch_size 1000000000 is larger than the teacher "
+         r"data set \(12 examples"),
+        ({"output": tmp_path / "folder"}, IsADirectoryError, "is a directory"),
+        ({"output": tmp_path / ("x" * 256)}, OSError, "longer than 255 bytes"),
+        ({"output": tmp_path / "ro" / "o.safetensors"}, PermissionError, "folder is not "
+         "writable: '.*ro'"),
+    ]  # fmt: skip
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: not str(p).endswith("ro") and real_access(p, m))
+    student = load_student(str(workspace / "teacher.safetensors"), 4, dtype=torch.float32)
+    before = student.state_dict()["double_blocks.0.img_mod.lin.lora_up"].clone()
+    for change, error, message in cases:
+        config = tiny_config(workspace, work_dir=tmp_path / "w", **change)
+        with pytest.raises(error, match=message):
+            distill(student, data, config, log=lambda _: None)
+    assert not (tmp_path / "w").exists()  # nothing was started
+    assert torch.equal(student.state_dict()["double_blocks.0.img_mod.lin.lora_up"], before)
+
+
+def test_a_second_run_on_the_same_work_folder_is_refused(workspace, tmp_path):
+    import subprocess
+    import sys
+
+    from test_progress import HOLD
+
+    config = tiny_config(workspace, output=tmp_path / "o.safetensors", work_dir=tmp_path / "w")
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "w")],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkDirBusy, match=f"w is in use by process {child.pid}"):
+            run(config)
+        assert not (tmp_path / "w" / "log.jsonl").exists()  # not one line doubled
+    finally:
+        child.kill()
+        child.wait()
+    messages = []
+    run(config, log=messages.append)  # the killed holder's lock is taken over, and said so
+    assert any(f"locked by process {child.pid}, which is gone: taking it over" in m
+               for m in messages)  # fmt: skip
+    assert read_progress(tmp_path / "w")[0]["state"] == "finished"

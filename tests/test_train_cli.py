@@ -42,3 +42,86 @@ def test_bad_command_configs(tmp_path, capsys):
                                                  "output": "o.safetensors"}))  # fmt: skip
     assert main(["distill", str(tmp_path / "d.json")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.fixture
+def distill_job(tmp_path):
+    """A tiny teacher data set, its teacher file and a 4-step distill config file."""
+    from distill_helpers import build_data, tiny_config, write_teacher_file
+
+    build_data(tmp_path / "data")
+    write_teacher_file(tmp_path / "teacher.safetensors")
+
+    def config_file(**changes):
+        values = {**tiny_config(tmp_path, steps=4).as_dict(), **changes}
+        path = tmp_path / "distill.json"
+        path.write_text(json.dumps({k: str(v) if hasattr(v, "parts") else v
+                                    for k, v in values.items()}))  # fmt: skip
+        return str(path)
+
+    return tmp_path, config_file
+
+
+def _left(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".partial"))
+
+
+def test_distill_file_system_errors_are_one_line(distill_job, capsys, monkeypatch):
+    import errno
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to find which file an fsync is for")
+
+    tmp, config_file = distill_job
+    (tmp / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: not str(p).endswith("ro") and real_access(p, m))
+    assert main(["distill", config_file(output=str(tmp / "ro" / "o.safetensors"))]) == 4
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp / 'ro'}: folder is not writable\n"
+    assert not (tmp / "out.safetensors.work").exists()  # refused before training
+    monkeypatch.undo()
+
+    real_fsync = os.fsync
+
+    def full(fd):  # the first checkpoint meets a full disk
+        if "checkpoint.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["distill", config_file()]) == 4
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert (
+        err == f"error: {tmp / 'out.safetensors.work' / 'checkpoint.pt'}: No space left on device"
+    )
+    assert _left(tmp) == [] and not (tmp / "out.safetensors").exists()
+    assert read_progress(tmp / "out.safetensors.work")[0]["state"] == "failed"
+
+
+def test_distill_interrupted_ends_cleanly_and_resumes(distill_job, capsys, monkeypatch):
+    from comfyui_ternary_flux.distill import train
+
+    tmp, config_file = distill_job
+    real, calls = train.collate, []
+
+    def collate(*args):
+        calls.append(1)
+        if len(calls) == 4 * 3 + 1:  # the first micro-batch of step 4
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "collate", collate)
+    assert main(["distill", config_file()]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: interrupted (Ctrl-C); no partial output was left"
+    )
+    work = tmp / "out.safetensors.work"
+    assert read_progress(work)[0]["state"] == "interrupted"
+    assert (work / "lock").read_text() == ""  # released
+    assert _left(tmp) == [] and not (tmp / "out.safetensors").exists()
+    monkeypatch.undo()
+    assert main(["distill", config_file()]) == 0  # resumes from the step-2 checkpoint
+    assert "resuming from" in capsys.readouterr().out
+    assert read_progress(work)[0]["state"] == "finished"
