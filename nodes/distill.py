@@ -21,12 +21,14 @@ from comfy_api.latest import io, ui
 from ..distill.config import DistillConfig
 from ..distill.progress import ProgressLog, read_progress
 from ..distill.prompts import generate_prompts, read_prompt_file
-from ..distill.student import student_from_tensors
+from ..distill.student import distillable, student_from_tensors
 from ..distill.teacher import TeacherDataset, TeacherSettings, build_teacher_dataset
 from ..distill.train import distill
+from ..models.files import dense_tensors
+from ..ternary.fileformat import MmapReader
 from ..ternary.quantize import SCALE_RULES
 from . import folders
-from .model_io import check_flux, dense_state_dict, load_ternary_patcher
+from .model_io import check_flux, dense_state_dict, load_ternary_patcher, logical_shapes
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 LossMap = io.Custom("LOSS_MAP")
@@ -256,6 +258,7 @@ class BuildTeacherDataset(io.ComfyNode):
         guidance, points_per_prompt, seed, shard_size,
     ) -> io.NodeOutput:  # fmt: skip
         check_flux(model)
+        distillable(logical_shapes(model))  # FLUX.1 only, others refused by name
         prompt_list = calibration_prompts(prompts, prompt_file, generate, seed)
         settings = TeacherSettings(
             width=width, height=height, steps=steps, guidance=guidance,
@@ -344,6 +347,7 @@ class DistillTernary(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, name, gradient_checkpointing, **numbers) -> io.NodeOutput:
         check_flux(model)
+        distillable(logical_shapes(model))  # FLUX.1 only, others refused by name
         device = comfy.model_management.get_torch_device()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         work = job_dir(name)
@@ -413,6 +417,8 @@ class DistillJob(io.ComfyNode):
         if status.get("state") == "running" and _alive(status.get("pid")):
             raise ValueError(f"job {name!r} is running (pid {status['pid']}); see Job Status")
         model = folder_paths.get_full_path_or_raise("diffusion_models", model_file)
+        with MmapReader(model) as reader:  # refuse here, not in the background
+            distillable({key: shape for key, (_, shape) in dense_tensors(reader)[0].items()})
         config = _config(dataset, model, folders.output_path(name), work, **numbers)
         TeacherDataset(config.data)  # fail here, not in the background, on a bad data set
         work.mkdir(parents=True, exist_ok=True)
