@@ -6,11 +6,12 @@ import os
 
 from comfy_api.latest import io, ui
 
+from ..models.registry import detect_family
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.module import export_tensors
 from ..ternary.packing import PACKINGS
 from . import folders
-from .model_io import bfl_key, refuse_patches
+from .model_io import bfl_key, logical_shapes, refuse_patches
 from .ternary_ops import ternary_modules
 
 
@@ -56,7 +57,10 @@ class SaveTernaryModel(io.ComfyNode):
     def execute(cls, model, filename: str, packing: str) -> io.NodeOutput:
         path = folders.output_path(filename)
         tensors, layers, rank = ternary_file_tensors(model, packing)
-        save_ternary_file(path, tensors, layers, packing=packing, lora_rank=rank)
+        family, _ = detect_family(logical_shapes(model))
+        save_ternary_file(
+            path, tensors, layers, packing=packing, lora_rank=rank, architecture=family.name
+        )
         name = os.path.basename(path)
         text = f"saved {name} ({os.path.getsize(path) / 1e6:.1f} MB, {len(layers)} ternary layers)"
         return io.NodeOutput(name, ui=ui.PreviewText(text))
