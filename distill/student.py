@@ -18,7 +18,7 @@ from ..models.family import ModelFamilyError
 from ..models.files import dense_tensors, load_ternary_model
 from ..models.flux1 import FluxConfig, is_block_linear
 from ..models.flux1_torch import FluxTransformer, ternary_flux_from_state_dict
-from ..models.registry import detect_family
+from ..models.registry import detect_family, family_named
 from ..ternary.fileformat import FORMAT_NAME, MmapReader
 from ..ternary.module import TernaryLinear
 
@@ -87,6 +87,9 @@ def load_student(
     """Student from a dense FLUX safetensors file (quantized here) or a ternary-flux v1 file
     (used as it is; its LoRA rank must equal ``lora_rank``)."""
     with MmapReader(path) as reader:
+        architecture = reader.metadata.get("architecture")
+        if reader.metadata.get("format") == FORMAT_NAME and architecture not in (None, "flux"):
+            raise ModelFamilyError(refusal(family_named(architecture).title))  # before reading
         if reader.metadata.get("format") != FORMAT_NAME:
             shapes, get = dense_tensors(reader)
             return student_from_tensors(

@@ -30,7 +30,7 @@ from comfy_extras.nodes_edit_model import ReferenceLatent  # noqa: E402
 
 from comfyui_ternary_flux.models.family import ModelFamilyError  # noqa: E402
 from comfyui_ternary_flux.nodes.distill import BuildTeacherDataset, DistillTernary  # noqa: E402
-from comfyui_ternary_flux.nodes.model_io import patcher_from_state_dict  # noqa: E402
+from comfyui_ternary_flux.nodes.model_io import bfl_key, patcher_from_state_dict  # noqa: E402
 from comfyui_ternary_flux.nodes.quantize_node import QuantizeModelToTernary  # noqa: E402
 from comfyui_ternary_flux.nodes.report_node import TernaryReport, step_inputs  # noqa: E402
 from comfyui_ternary_flux.nodes.save_node import SaveTernaryModel  # noqa: E402
@@ -214,6 +214,9 @@ def test_chroma_loads_as_comfyuis_chroma_and_samples_as_the_dequantized_model():
     assert guidance_net and not any(k.rsplit(".", 1)[0] in layers for k in guidance_net)
     ternary = patcher_from_state_dict(tensors)
     assert type(ternary.model) is comfy.model_base.Chroma
+    # Saved from ComfyUI, the guidance network's RMSNorms get their BFL names back.
+    names = {bfl_key(k) for k in ternary.model.diffusion_model.state_dict()}
+    assert "distilled_guidance_layer.norms.0.scale" in names and names >= set(tensors)
     assert set(ternary_modules(ternary)) == set(layers) and len(layers) == 8 + 2
     positive = conditioning(family, config, seed=11)
     out = ksample(ternary, positive, side=32, steps=1)
