@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, help="text tokens (default: the family's)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 4)")
     p.add_argument("--warmup", type=int, default=None, help="steps of the warm-up call (1)")
-    p.add_argument("--packing", choices=("2bit", "base3"), default="2bit", help="file layout")
+    p.add_argument("--packing", choices=("2bit", "base3"), default="base3", help="file layout")
     p.add_argument(
         "--cap-gb", type=float, default=12.0, help="cap on the allocator for ternary runs (GB)"
     )

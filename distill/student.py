@@ -39,6 +39,18 @@ def refusal(title: str) -> str:
     return f"distillation supports FLUX.1 only; {title} is not supported yet"
 
 
+def refuse_other_families(reader: MmapReader) -> None:
+    """Refuse, by name, a model file of a family other than FLUX.1, from its header alone:
+    a ternary file's ``architecture``, a dense file's shapes."""
+    if reader.metadata.get("format") == FORMAT_NAME:
+        architecture = reader.metadata.get("architecture")
+        if architecture not in (None, flux1.FAMILY.name):
+            raise ModelFamilyError(refusal(family_named(architecture).title))
+        return
+    shapes, _ = dense_tensors(reader)
+    distillable({key: shape for key, (_, shape) in shapes.items()})
+
+
 def student_from_tensors(
     shapes: Mapping[str, tuple[int, ...]],
     get: Callable[[str], torch.Tensor],
@@ -87,9 +99,7 @@ def load_student(
     """Student from a dense FLUX safetensors file (quantized here) or a ternary-flux v1 file
     (used as it is; its LoRA rank must equal ``lora_rank``)."""
     with MmapReader(path) as reader:
-        architecture = reader.metadata.get("architecture")
-        if reader.metadata.get("format") == FORMAT_NAME and architecture not in (None, "flux"):
-            raise ModelFamilyError(refusal(family_named(architecture).title))  # before reading
+        refuse_other_families(reader)  # from the header, before reading the weights
         if reader.metadata.get("format") != FORMAT_NAME:
             shapes, get = dense_tensors(reader)
             return student_from_tensors(

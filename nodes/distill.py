@@ -21,11 +21,10 @@ from comfy_api.latest import io, ui
 from ..distill.config import DistillConfig
 from ..distill.progress import ProgressLog, read_progress
 from ..distill.prompts import generate_prompts, read_prompt_file
-from ..distill.student import distillable, student_from_tensors
+from ..distill.student import distillable, refuse_other_families, student_from_tensors
 from ..distill.teacher import TeacherDataset, TeacherSettings, build_teacher_dataset
 from ..distill.train import distill
-from ..models.files import dense_tensors
-from ..ternary.fileformat import MmapReader
+from ..ternary.fileformat import MmapReader, TernaryFormatError
 from ..ternary.quantize import SCALE_RULES
 from . import folders
 from .model_io import check_flux, dense_state_dict, load_ternary_patcher, logical_shapes
@@ -90,6 +89,17 @@ def comfy_velocity_fn(patcher):
         return out.float()
 
     return velocity
+
+
+def refuse_other_family_file(path: str) -> None:
+    """Refuse a model file of another family before a job starts on it; a file whose header
+    cannot be read is left to the job, whose log says why."""
+    try:
+        reader = MmapReader(path)
+    except (TernaryFormatError, OSError):
+        return
+    with reader:
+        refuse_other_families(reader)
 
 
 def _number_inputs() -> list:
@@ -417,8 +427,7 @@ class DistillJob(io.ComfyNode):
         if status.get("state") == "running" and _alive(status.get("pid")):
             raise ValueError(f"job {name!r} is running (pid {status['pid']}); see Job Status")
         model = folder_paths.get_full_path_or_raise("diffusion_models", model_file)
-        with MmapReader(model) as reader:  # refuse here, not in the background
-            distillable({key: shape for key, (_, shape) in dense_tensors(reader)[0].items()})
+        refuse_other_family_file(model)  # here, not in the background
         config = _config(dataset, model, folders.output_path(name), work, **numbers)
         TeacherDataset(config.data)  # fail here, not in the background, on a bad data set
         work.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ def test_families_benchmark_smoke_runs_on_cpu(tmp_path):
     assert models["flux:tiny"]["latent_shape"] == [1, 16, 8, 8]
     for m in models.values():
         assert 75 < m["share_quantized_percent"] < 95
-        assert m["file"]["bytes"] < m["bf16_bytes"] / 3 and m["file"]["packing"] == "2bit"
-        assert m["2bit_tensor_bytes"] < m["file"]["bytes"] < m["2bit_tensor_bytes"] + 100_000
+        assert m["file"]["bytes"] < m["bf16_bytes"] / 3 and m["file"]["packing"] == "base3"
+        assert m["base3_tensor_bytes"] < m["file"]["bytes"] < m["base3_tensor_bytes"] + 100_000
+        assert m["base3_tensor_bytes"] < m["2bit_tensor_bytes"]
         for run in (m["ternary"], m["bf16"]):
             assert run["finite"] and run["steps"] == 1 and run["seconds_per_step"] > 0
             assert "peak_allocated_bytes" not in run  # no CUDA: no device memory figure

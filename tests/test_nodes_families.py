@@ -29,7 +29,11 @@ import comfy.supported_models  # noqa: E402
 from comfy_extras.nodes_edit_model import ReferenceLatent  # noqa: E402
 
 from comfyui_ternary_flux.models.family import ModelFamilyError  # noqa: E402
-from comfyui_ternary_flux.nodes.distill import BuildTeacherDataset, DistillTernary  # noqa: E402
+from comfyui_ternary_flux.nodes.distill import (  # noqa: E402
+    BuildTeacherDataset,
+    DistillTernary,
+    refuse_other_family_file,
+)
 from comfyui_ternary_flux.nodes.model_io import bfl_key, patcher_from_state_dict  # noqa: E402
 from comfyui_ternary_flux.nodes.quantize_node import QuantizeModelToTernary  # noqa: E402
 from comfyui_ternary_flux.nodes.report_node import TernaryReport, step_inputs  # noqa: E402
@@ -197,14 +201,30 @@ def test_flux2_quantize_save_and_report_nodes(flux2_dev, tmp_path, monkeypatch):
         TernaryReport.execute(quantized, 64, 64, 1, 0, conditioning=[[torch.zeros(1, 4, 4096), {}]])
 
 
-def test_distillation_nodes_refuse_flux2(flux2_dev):
-    state, _, _ = flux2_dev
+def test_distillation_nodes_refuse_flux2(flux2_dev, tmp_path):
+    from safetensors.torch import save_file
+
+    from comfyui_ternary_flux.ternary.fileformat import save_ternary_file
+
+    state, tensors, layers = flux2_dev
     source = comfy.sd.load_diffusion_model_state_dict(dict(state))
     message = "distillation supports FLUX.1 only; FLUX.2 is not supported yet"
     with pytest.raises(ModelFamilyError, match=message):
         BuildTeacherDataset.execute(source, *([None] * 12))
     with pytest.raises(ModelFamilyError, match=message):
         DistillTernary.execute(source, "data", "out", True)
+    # Distill Job: the file is refused before the background job starts.
+    save_file(state, tmp_path / "dense.safetensors")
+    save_ternary_file(
+        tmp_path / "ternary.safetensors", tensors, layers, lora_rank=2, architecture="flux2"
+    )
+    for name in ("dense.safetensors", "ternary.safetensors"):
+        with pytest.raises(ModelFamilyError, match=message):
+            refuse_other_family_file(str(tmp_path / name))
+    (tmp_path / "placeholder.safetensors").write_bytes(b"")
+    refuse_other_family_file(str(tmp_path / "placeholder.safetensors"))  # left to the job
+    save_file(random_weights(flux1.flux_shapes(flux1.TINY_FLUX)), tmp_path / "flux1.safetensors")
+    refuse_other_family_file(str(tmp_path / "flux1.safetensors"))
 
 
 def test_chroma_loads_as_comfyuis_chroma_and_samples_as_the_dequantized_model():
