@@ -1,464 +1,447 @@
 """Every model family at full size, ternary against bf16, sampled by ComfyUI (random weights).
 
-For each model (``FAMILY:PRESET``: flux2:dev, flux:dev, chroma:full, flux2:klein-9b,
-flux2:klein-4b by default) it
+For each model (``FAMILY:PRESET``; by default flux2:dev, flux:dev, chroma:full,
+flux2:klein-9b, flux2:klein-4b), in processes of their own (bench/comfy_env.py sets ComfyUI
+up as main.py does; the parent holds no CUDA context):
 
-1. makes the model's random bf16 weights on the GPU one tensor at a time and quantizes them
-   as they come (models/files.quantize_tensors: the pack's one conversion loop, streamed
-   into a format-v1 file by its StreamingWriter), so no dense file is ever written: FLUX.2
-   [dev] (64 GB in bf16) needs one layer of GPU memory and its ~8.5 GB ternary file of disk;
-2. loads that file with the pack's loader (nodes/model_io.load_ternary_patcher, what the
-   Load Ternary Diffusion Model node runs: ComfyUI's own detection picks the model class)
-   and samples with ComfyUI (``comfy.sample.sample``: euler / simple, cfg 1, denoise 1)
-   from random conditioning of the family's shapes (text width and tokens, pooled vector or
-   none, guidance) at 1024x1024, under a cap on the CUDA allocator (``--cap-gb``, 12 by
-   default: a run that needs more fails with out-of-memory instead of passing unnoticed);
-3. where bf16 fits (GPU and host memory), makes the same weights in bf16, loads them with
-   ComfyUI's ``load_diffusion_model_state_dict`` straight onto the GPU and samples the same
-   way, in the same process;
+1. **ternary**, on a GPU limited to ``--cap-gb`` (12 GiB by default: a 12 GB card, made by
+   bench/comfy_env.py's memory ballast, so ComfyUI plans as on such a card and anything
+   larger fails instead of passing unnoticed): the model's random bf16 weights are made on
+   the GPU one tensor at a time and quantized as they come (models/files.quantize_tensors:
+   the pack's one conversion loop, streamed into a format-v1 file by its StreamingWriter),
+   so no dense file is ever written (FLUX.2 [dev], 64 GB in bf16, needs one layer of GPU
+   memory and its ~7 GB ternary file of disk); the file is loaded with the pack's loader
+   (nodes/model_io.load_ternary_patcher, what Load Ternary Diffusion Model runs: ComfyUI's
+   own detection picks the model class) and sampled with ``comfy.sample.sample`` (euler /
+   simple, cfg 1) from random conditioning of the family's shapes (text width and tokens,
+   pooled vector or none, guidance) at 1024x1024;
+2. **bf16**, where it fits in the GPU and host memory, uncapped: the same weights made in
+   bf16, loaded by ComfyUI's ``load_diffusion_model_state_dict`` straight onto the GPU,
+   sampled the same way.
 
-and records the file size, the share of parameters quantized, peak device memory (the
-allocator's high-water mark while sampling: weights + activations; the CUDA context, about
-0.5 GB, is outside it), seconds per step (median of the timed call's steps, after a warm-up
-call) and the relative difference of the final latents. The JSON is rewritten after every
-model, so a run cut short keeps what it measured.
+Recorded per model: file size, share of parameters quantized, peak device memory (PyTorch's
+allocator peak, weights + activations; and the device memory this process used at the
+busiest step, CUDA context included), whether ComfyUI kept the whole model on the GPU,
+seconds per step (median step of the timed prompt, after a warm-up prompt) and the relative
+difference of the two final latents. The JSON is rewritten after every model, so a run cut
+short keeps what it measured; models not started within ``--time-budget`` are listed as
+skipped (run them in a second call with ``--models``).
 
-    python bench/families.py --comfyui PATH --json $OUT/families.json        # GPU, ~6 min
-    python bench/families.py --comfyui PATH --models flux2:dev --steps 8     # one model
+    python bench/families.py --comfyui PATH --json $OUT/families.json        # GPU, ~7 min
+    python bench/families.py --comfyui PATH --models flux2:dev --json f.json  # one model
     python bench/families.py --comfyui PATH --smoke --json smoke.json         # CPU, tiny
 
-``--smoke`` runs tiny models of each family on the CPU at 64x64 (the CI runs it); Chroma's
-smallest ComfyUI-loadable model has 619 M parameters, so it is in the smoke list only when
-asked for (``--models chroma:tiny-comfy``). ComfyUI is found as bench/e2e.py finds it;
-``av`` (PyAV, imported by ComfyUI's node API but not needed here) is stubbed when it is not
-installed (``--stub-av`` forces it).
+``--smoke`` runs tiny models on the CPU at 64x64 (the CI runs it). Chroma's smallest
+ComfyUI-loadable model has 619 M parameters, so it is not in the smoke list (ask for
+``--models chroma:tiny-comfy``).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.abc
-import importlib.machinery
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import types
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import environment, find_comfyui, write_json  # noqa: E402 (also loads the pack)
-
-from comfyui_ternary_flux.models.family import iter_random_weights, random_source  # noqa: E402
-from comfyui_ternary_flux.models.files import quantize_tensors, ternary_layers  # noqa: E402
-from comfyui_ternary_flux.models.registry import random_spec  # noqa: E402
-from comfyui_ternary_flux.ternary.convert import plan_entries  # noqa: E402
-from comfyui_ternary_flux.ternary.measure import format_bytes  # noqa: E402
+import comfy_env  # noqa: E402
 
 GPU_MODELS = ("flux2:dev", "flux:dev", "chroma:full", "flux2:klein-9b", "flux2:klein-4b")
-SMOKE_MODELS = ("flux2:tiny", "flux2:tiny-klein", "flux:tiny", "flux:tiny-schnell")
+SMOKE_MODELS = ("flux2:tiny", "flux2:tiny-klein", "flux:tiny-schnell")
 TARGETS = {"flux2:dev": {"file_bytes": 9e9, "peak_bytes": 12e9}}
 MIN_RATIO = 6.0  # every family at least 6x smaller than bf16
+GB = 1e9
 
 
-def stub_av(force: bool = False) -> bool:
-    """Make ``import av`` (and ``av.*``) succeed with empty stand-ins when PyAV is missing:
-    ComfyUI's node API imports it for video types this benchmark never uses."""
-    if not force:
-        try:
-            import av  # noqa: F401
+def describe(spec: str, packing: str) -> dict:
+    """What the shapes alone say (no weights): parameters, share quantized, tensor bytes."""
+    comfy_env.load_pack()
+    import torch
 
-            return False
-        except ImportError:
-            pass
+    from comfyui_ternary_flux.models.files import ternary_layers
+    from comfyui_ternary_flux.models.registry import random_spec
+    from comfyui_ternary_flux.ternary.convert import plan_entries
 
-    class Stub(types.ModuleType):
-        __path__: list = []  # a package: ``from av.container import X`` works
-
-        def __getattr__(self, name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            value = type(name, (), {})
-            setattr(self, name, value)
-            return value
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "av" or fullname.startswith("av."):
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            return Stub(spec.name)
-
-        def exec_module(self, module) -> None:
-            pass
-
-    for name in [n for n in sys.modules if n == "av" or n.startswith("av.")]:
-        del sys.modules[name]
-    sys.meta_path.insert(0, Finder())
-    return True
+    family, _, config, _ = random_spec(spec)
+    dense = {k: (torch.bfloat16, s) for k, s in family.shapes(config).items()}
+    layers = ternary_layers(family, dense, 0)
+    total = sum(math.prod(s) for _, s in dense.values())
+    quantized = sum(p.n * p.k for p in layers.values())
+    record = {
+        "model": spec,
+        "family": family.name,
+        "title": family.title,
+        "describe": family.describe(config),
+        "config": config.as_dict(),
+        "params_total": total,
+        "params_quantized": quantized,
+        "share_quantized_percent": 100 * quantized / total,
+        "ternary_layers": len(layers),
+        "bf16_bytes": 2 * total,
+        "packing": packing,
+    }
+    for layout in ("2bit", "base3"):
+        entries = plan_entries(dense, layers, layout)
+        record[f"{layout}_tensor_bytes"] = sum(
+            math.prod(s) * d.itemsize for d, s in entries.values()
+        )
+    return record
 
 
-def import_comfyui(path: Path, device: torch.device):
-    """ComfyUI in this process (legacy ModelPatcher: the allocator's peak is the model's)."""
-    sys.path.insert(0, str(path))
-    from comfy.cli_args import args
-
-    args.cpu = device.type == "cpu"
-    args.disable_dynamic_vram = True
-    import comfy.model_management
-    import comfy.sample
-    import comfy.sd
-
-    from comfyui_ternary_flux.nodes.model_io import load_ternary_patcher
-
-    version = "unknown"
-    if (path / "comfyui_version.py").is_file():
-        scope: dict = {}
-        exec((path / "comfyui_version.py").read_text(), scope)
-        version = scope.get("__version__", version)
-    return comfy, load_ternary_patcher, version
+# -- in a child process -----------------------------------------------------------------------
 
 
 def available_host_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.device = torch.device(args.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-        self.stubbed_av = stub_av(args.stub_av)
-        comfyui = find_comfyui(args.comfyui)
-        self.comfy, self.load_ternary, version = import_comfyui(comfyui, self.device)
-        self.env = environment(self.device, version) | {"av_stubbed": self.stubbed_av}
-        self.cuda = self.device.type == "cuda"
+def sample_prompts(spec: dict, patcher, family, config) -> dict:
+    """Warm-up prompt, then the timed prompt, as KSampler samples (euler / simple, cfg 1)."""
+    import comfy.sample
+    import torch
 
-    # -- conditioning and sampling ---------------------------------------------------------
+    cuda = spec["device"] == "cuda"
+    cap = spec.get("cap_bytes")
+    text = family.conditioning(config)
+    latent_format = patcher.model.latent_format
+    side = spec["resolution"] // latent_format.spacial_downscale_ratio
+    latent = torch.zeros(1, latent_format.latent_channels, side, side)
+    noise = comfy.sample.prepare_noise(latent, spec["seed"])
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    extras = {"guidance": text.guidance}
+    if text.pooled_dim is not None:
+        extras["pooled_output"] = torch.randn(1, text.pooled_dim, generator=gen)
+    tokens = spec["text_tokens"] or text.tokens
+    positive = [[torch.randn(1, tokens, text.context_dim, generator=gen), extras]]
+    stamps: list[float] = []
+    used: list[int] = []
 
-    def inputs(self, family, config, patcher, seed: int):
-        """(noise, latent, positive) of one 1024x1024 (or --resolution) generation."""
-        text = family.conditioning(config)
-        latent_format = patcher.model.latent_format
-        down = latent_format.spacial_downscale_ratio
-        side = self.args.resolution // down
-        latent = torch.zeros(1, latent_format.latent_channels, side, side)
-        noise = self.comfy.sample.prepare_noise(latent, seed)
-        gen = torch.Generator().manual_seed(seed + 1)
-        extras = {"guidance": text.guidance}
-        if text.pooled_dim is not None:
-            extras["pooled_output"] = torch.randn(1, text.pooled_dim, generator=gen)
-        tokens = self.args.text_tokens or text.tokens
-        context = torch.randn(1, tokens, text.context_dim, generator=gen)
-        return noise, latent, [[context, extras]], tokens
+    def callback(step, x0, x, total):
+        if cuda:
+            torch.cuda.synchronize()
+            free, total_memory = torch.cuda.mem_get_info()
+            # under the ballast this process sees a card of ``cap`` bytes
+            used.append((cap if cap else total_memory) - free)
+        stamps.append(time.perf_counter())
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+    def prompt(steps: int):
+        stamps.clear()
+        if cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            out = comfy.sample.sample(
+                patcher, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
+                callback=callback, disable_pbar=True, seed=spec["seed"],
+            )  # fmt: skip
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - begin
+        return out, seconds, [b - a for a, b in zip([begin, *stamps], stamps, strict=False)]
 
-    def sample(self, patcher, noise, latent, positive, steps: int):
-        """(latent, seconds per step, total seconds) of one comfy.sample.sample call."""
-        stamps = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result: dict = {"latent_shape": list(latent.shape), "text_tokens": tokens}
+    if spec["warmup"]:
+        _, result["warmup_prompt_seconds"], _ = prompt(spec["warmup"])
+    out, result["prompt_seconds"], steps = prompt(spec["steps"])
+    result.update(
+        dtype=str(patcher.model.get_dtype()).removeprefix("torch."),
+        comfyui_model=type(patcher.model).__name__,
+        comfyui_config=type(patcher.model.model_config).__name__,
+        patcher=type(patcher).__name__,
+        seconds_per_step=statistics.median(steps),
+        step_seconds=[round(s, 5) for s in steps],
+        peak_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        peak_reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None,
+        peak_device_used_bytes=max(used) if used else None,
+        loaded_bytes=patcher.loaded_size() if cuda else None,
+        model_bytes=patcher.model_size(),
+        finite=bool(torch.isfinite(out).all()),
+    )
+    torch.save(out.float().cpu(), spec["latent"])
+    return result
 
-        def callback(step, x0, x, total) -> None:
-            self.sync()
-            stamps.append(time.perf_counter())
 
-        self.sync()
-        start = time.perf_counter()
-        out = self.comfy.sample.sample(
-            patcher, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
-            denoise=1.0, disable_pbar=True, seed=self.args.seed, callback=callback,
-        )  # fmt: skip
-        self.sync()
-        total = time.perf_counter() - start
-        steps_s = [b - a for a, b in zip([start, *stamps], stamps, strict=False)]
-        return out.float().cpu(), steps_s, total
+def run_child(spec: dict) -> dict:
+    """One variant (``ternary`` or ``bf16``) of one model, in this process."""
+    cuda = spec["device"] == "cuda"
+    cap_gb = spec["cap_gb"] if spec["role"] == "ternary" and cuda and spec["cap_gb"] else None
+    _, ballast = comfy_env.setup(spec["comfyui"], spec["device"], dynamic=False, cap_gb=cap_gb)
+    comfy_env.load_pack()
+    import comfy.sd
+    import torch
 
-    def run_sampling(self, patcher, inputs, cap_bytes: int | None) -> dict:
-        """Warm-up call, then the timed call; peak memory of both (weights included)."""
-        noise, latent, positive, _ = inputs
-        mm = self.comfy.model_management
-        result: dict = {"dtype": str(patcher.model.get_dtype()).removeprefix("torch.")}
-        if self.cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            if cap_bytes:
-                torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), self.device)
-            result["cap_bytes"] = cap_bytes
-        try:
-            if self.args.warmup:
-                _, _, result["warmup_seconds"] = self.sample(
-                    patcher, noise, latent, positive, self.args.warmup
-                )
-            out, steps_s, result["seconds_total"] = self.sample(
-                patcher, noise, latent, positive, self.args.steps
+    from comfyui_ternary_flux.models.family import iter_random_weights, random_source
+    from comfyui_ternary_flux.models.files import quantize_tensors
+    from comfyui_ternary_flux.models.registry import random_spec
+    from comfyui_ternary_flux.nodes.model_io import load_ternary_patcher
+
+    family, _, config, seed = random_spec(spec["model"])
+    seed = seed or spec["seed"]
+    shapes = family.shapes(config)
+    device = torch.device(spec["device"])
+    stub = getattr(sys.modules.get("av"), "__loader__", None)
+    result: dict = {"role": spec["role"], "cap_gib": cap_gb}
+    result["av_stubbed"] = isinstance(stub, comfy_env._StubFinder)
+    if cap_gb:
+        spec["cap_bytes"] = int(cap_gb * comfy_env.GIB)
+    try:
+        if spec["role"] == "ternary":
+            # random bf16 weights made on the device one tensor at a time, quantized as they
+            # come and streamed into the file: no dense copy of the model exists anywhere
+            start = time.perf_counter()
+            source, get = random_source(shapes, seed, torch.bfloat16, device)
+            report = quantize_tensors(
+                source, get, spec["file"], packing=spec["packing"], device=device,
+                overwrite=True, source=f"random {spec['model']}:{seed}",
+            )  # fmt: skip
+            if cuda:
+                torch.cuda.synchronize()
+            result.update(
+                quantize_seconds=time.perf_counter() - start,
+                file_bytes=Path(spec["file"]).stat().st_size,
+                layer_error_median=statistics.median(e.ternary for e in report.layers),
+                quantize_peak_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
             )
-        except torch.cuda.OutOfMemoryError as err:
-            result["error"] = f"out of memory: {str(err).splitlines()[0]}"
-            out, steps_s = None, []
-        finally:
-            if self.cuda:
-                result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-                result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
-                free, total = torch.cuda.mem_get_info(self.device)
-                result["device_used_bytes_after"] = total - free
-                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
-            mm.unload_all_models()
-            mm.soft_empty_cache()
-        if steps_s:
-            result["steps"] = len(steps_s)
-            result["seconds_per_step"] = statistics.median(steps_s)
-            result["step_seconds"] = steps_s
-        result["finite"] = None if out is None else bool(torch.isfinite(out).all())
-        return result, out
-
-    # -- one model ---------------------------------------------------------------------------
-
-    def model(self, spec: str, file_dir: Path) -> dict:
-        family, preset, config, seed = random_spec(spec)
-        seed = seed or self.args.seed
-        shapes = family.shapes(config)
-        dense = {k: (torch.bfloat16, s) for k, s in shapes.items()}
-        layers = ternary_layers(family, dense, 0)
-        total = sum(math.prod(s) for s in shapes.values())
-        quantized = sum(n * k for n, k in ((p.n, p.k) for p in layers.values()))
-        bf16_bytes = 2 * total
-        record = {
-            "model": spec,
-            "family": family.name,
-            "title": family.title,
-            "describe": family.describe(config),
-            "config": config.as_dict(),
-            "params_total": total,
-            "params_quantized": quantized,
-            "share_quantized_percent": 100 * quantized / total,
-            "ternary_layers": len(layers),
-            "bf16_bytes": bf16_bytes,
-        }
-        for packing in ("2bit", "base3"):
-            entries = plan_entries(dense, layers, packing)
-            size = sum(math.prod(s) * d.itemsize for d, s in entries.values())
-            record[f"{packing}_tensor_bytes"] = size
-        print(f"\n== {spec}: {record['describe']}, {total / 1e9:.2f} B parameters", flush=True)
-
-        # 1. random bf16 weights made on the device layer by layer, quantized, streamed
-        path = file_dir / f"{spec.replace(':', '-')}-ternary.safetensors"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        source, get = random_source(shapes, seed, torch.bfloat16, self.device)
-        report = quantize_tensors(
-            source, get, path, packing=self.args.packing, device=self.device, overwrite=True,
-            source=f"random {spec}:{seed}",
-        )  # fmt: skip
-        self.sync()
-        record["quantize_seconds"] = time.perf_counter() - start
-        record["file"] = {
-            "packing": self.args.packing,
-            "bytes": path.stat().st_size,
-            "ratio_vs_bf16": bf16_bytes / path.stat().st_size,
-        }
-        record["layer_error_median"] = statistics.median(e.ternary for e in report.layers)
-        record["quantize_peak_allocated_bytes"] = (
-            torch.cuda.max_memory_allocated(self.device) if self.cuda else None
-        )
-        print(
-            f"quantized in {record['quantize_seconds']:.1f} s: {format_bytes(path.stat().st_size)}"
-            f" ({self.args.packing}), {record['share_quantized_percent']:.2f} % of the "
-            f"parameters ternary, {bf16_bytes / path.stat().st_size:.2f}x smaller than bf16",
-            flush=True,
-        )
-        del report
-
-        # 2. the pack's loader, ComfyUI's detection and sampler
-        start = time.perf_counter()
-        patcher = self.load_ternary(path, 16, disable_dynamic=True)
-        record["load_seconds"] = time.perf_counter() - start
-        record["comfyui_model"] = type(patcher.model).__name__
-        record["comfyui_config"] = type(patcher.model.model_config).__name__
-        inputs = self.inputs(family, config, patcher, seed)
-        record["latent_shape"] = list(inputs[0].shape)
-        record["text_tokens"] = inputs[3]
-        cap = int(self.args.cap_gb * 1e9) if self.cuda and self.args.cap_gb else None
-        record["ternary"], ternary_out = self.run_sampling(patcher, inputs, cap)
-        record["ternary"]["load_seconds"] = record["load_seconds"]
-        del patcher
-        if not self.args.keep_files:
-            path.unlink()
-        self.show("ternary", record["ternary"])
-
-        # 3. bf16, where it fits
-        try:
-            record["bf16"], bf16_out = self.bf16(shapes, seed, bf16_bytes, inputs)
-        except Exception as err:  # keep the ternary numbers
-            traceback.print_exc()
-            record["bf16"], bf16_out = {"error": repr(err)[:2000]}, None
-            self.release()
-        if "skipped" not in record["bf16"]:
-            self.show("bf16", record["bf16"])
+            del report, get
+            start = time.perf_counter()
+            patcher = load_ternary_patcher(spec["file"], 16)
         else:
-            print(f"bf16     skipped: {record['bf16']['skipped']}", flush=True)
-        if ternary_out is not None and bf16_out is not None:
-            record["final_latent_relative_difference"] = float(
-                (ternary_out - bf16_out).norm() / bf16_out.norm()
+            needed = 2 * sum(math.prod(s) for s in shapes.values())
+            if cuda:
+                free, _ = torch.cuda.mem_get_info()
+                if needed + 8 * GB > free:
+                    return result | {"skipped": f"needs {needed / GB:.1f} GB, {free / GB:.1f} free"}
+            if needed > 0.8 * available_host_bytes():
+                return result | {"skipped": f"needs {needed / GB:.1f} GB of host memory"}
+            start = time.perf_counter()
+            # the ternary file's weights again, kept on the host; ComfyUI copies them into a
+            # model it builds on the GPU (one bf16 copy on each side, never two on one)
+            state = {k: t.cpu() for k, t in iter_random_weights(shapes, seed, device=device)}
+            place = {"load_device": device, "offload_device": device} if cuda else {}
+            patcher = comfy.sd.load_diffusion_model_state_dict(
+                state, model_options=place, disable_dynamic=True
             )
-        record["targets"] = self.targets(spec, record)
-        return record
+            del state
+            gc.collect()
+        result["load_seconds"] = time.perf_counter() - start
+        result.update(sample_prompts(spec, patcher, family, config))
+    except torch.cuda.OutOfMemoryError as err:
+        result["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        if cuda:
+            result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    finally:
+        if ballast is not None:
+            ballast.stdin.close()
+            ballast.wait(timeout=60)
+    return result
 
-    def bf16(self, shapes, seed: int, bf16_bytes: int, inputs):
-        if self.args.bf16 == "none":
-            return {"skipped": "--bf16 none"}, None
-        if self.cuda:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if bf16_bytes + 8e9 > free:
-                return {
-                    "skipped": f"needs {bf16_bytes / 1e9:.1f} GB of {free / 1e9:.1f} free"
-                }, None
-        host = available_host_bytes()
-        if bf16_bytes > 0.8 * host:
-            return {"skipped": f"needs {bf16_bytes / 1e9:.1f} GB of host memory"}, None
-        start = time.perf_counter()
-        # The same weights as the ternary file's, made on the device and kept on the host
-        # (ComfyUI copies them into a model built on the GPU: one bf16 copy on each side).
-        state = {k: t.cpu() for k, t in iter_random_weights(shapes, seed, device=self.device)}
-        place = {"load_device": self.device, "offload_device": self.device} if self.cuda else {}
-        patcher = self.comfy.sd.load_diffusion_model_state_dict(
-            state, model_options=place, disable_dynamic=True
-        )
-        del state
-        gc.collect()
-        load_seconds = time.perf_counter() - start
-        result, out = self.run_sampling(patcher, inputs, None)
-        result["load_seconds"] = load_seconds
-        del patcher
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-        return result, out
 
-    def release(self) -> None:
-        """Free what a failed run left (ComfyUI's loaded models, cached device memory)."""
-        self.comfy.model_management.unload_all_models()
-        gc.collect()
-        if self.cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
-            torch.cuda.empty_cache()
+# -- the parent -------------------------------------------------------------------------------
 
-    def targets(self, spec: str, record: dict) -> dict:
-        """The issue's targets, for full-size models (tiny ones are mostly embedders)."""
-        if spec.split(":")[1].startswith("tiny"):
-            return {}
-        checks = {"at_least_6x_smaller_than_bf16": record["file"]["ratio_vs_bf16"] >= MIN_RATIO}
-        ternary = record["ternary"]
-        if ternary.get("peak_allocated_bytes") is not None and ternary.get("cap_bytes"):
-            checks["within_cap"] = "error" not in ternary
-        for key, limit in TARGETS.get(spec, {}).items():
-            if key == "file_bytes":
-                checks[f"file_at_most_{limit / 1e9:g}_gb"] = record["file"]["bytes"] <= limit
-            elif ternary.get("peak_reserved_bytes") is not None:
-                checks[f"peak_at_most_{limit / 1e9:g}_gb"] = (
-                    "error" not in ternary and ternary["peak_reserved_bytes"] <= limit
-                )
-        return checks
 
-    @staticmethod
-    def show(name: str, result: dict) -> None:
-        if "error" in result:
-            print(f"{name}: {result['error']}", flush=True)
-            return
-        peak = result.get("peak_allocated_bytes")
-        memory = "n/a" if peak is None else format_bytes(peak)
-        print(
-            f"{name:8s} {result['dtype']:9s} {result['seconds_per_step']:.3f} s/step, peak "
-            f"{memory}, load {result.get('load_seconds', 0):.1f} s",
-            flush=True,
-        )
+def child(args: argparse.Namespace, spec: dict) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"role": spec["role"], "error": f"timed out after {args.timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return {"role": spec["role"], "error": done.stderr[-3000:]}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def relative(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def run_model(args: argparse.Namespace, spec: str, work: Path) -> dict:
+    import torch
+
+    record = describe(spec, args.packing)
+    print(
+        f"\n== {spec}: {record['describe']}, {record['params_total'] / 1e9:.2f} B parameters, "
+        f"{record['share_quantized_percent']:.2f} % ternary",
+        flush=True,
+    )
+    name = spec.replace(":", "-")
+    base = {k: getattr(args, k) for k in ("comfyui", "device", "resolution", "steps", "warmup")}
+    base |= {"text_tokens": args.text_tokens, "seed": args.seed, "packing": args.packing}
+    base |= {"model": spec, "cap_gb": args.cap_gb, "file": str(work / f"{name}.safetensors")}
+    for role in ("ternary", "bf16"):
+        if role == "bf16" and args.bf16 == "none":
+            record[role] = {"role": role, "skipped": "--bf16 none"}
+            continue
+        latent = work / f"{name}-{role}.pt"
+        record[role] = child(args, {**base, "role": role, "latent": str(latent)})
+        if role == "ternary" and "file_bytes" in record[role]:
+            size = record[role]["file_bytes"]
+            record["file"] = {"bytes": size, "ratio_vs_bf16": record["bf16_bytes"] / size}
+            print(
+                f"file     {size / GB:.3f} GB ({args.packing}), "
+                f"{record['file']['ratio_vs_bf16']:.2f}x smaller than bf16, quantized in "
+                f"{record[role]['quantize_seconds']:.1f} s",
+                flush=True,
+            )
+        show(role, record[role])
+        if not args.keep_files:
+            Path(base["file"]).unlink(missing_ok=True)
+    latents = [work / f"{name}-{role}.pt" for role in ("ternary", "bf16")]
+    if all(p.exists() for p in latents):
+        a, b = (torch.load(p) for p in latents)
+        record["final_latent_relative_difference"] = relative(a, b)
+    for p in latents:
+        p.unlink(missing_ok=True)
+    record["targets"] = targets(spec, record)
+    return record
+
+
+def targets(spec: str, record: dict) -> dict:
+    """The issue's targets, for full-size models (tiny ones are mostly embedders)."""
+    if spec.split(":")[1].startswith("tiny") or "file" not in record:
+        return {}
+    checks = {"at_least_6x_smaller_than_bf16": record["file"]["ratio_vs_bf16"] >= MIN_RATIO}
+    ternary = record["ternary"]
+    if ternary.get("cap_gib"):
+        checks[f"samples_on_a_{ternary['cap_gib']:g}_gib_card"] = "seconds_per_step" in ternary
+    for key, limit in TARGETS.get(spec, {}).items():
+        if key == "file_bytes":
+            checks[f"file_at_most_{limit / GB:g}_gb"] = record["file"]["bytes"] <= limit
+        elif ternary.get("peak_allocated_bytes") is not None:
+            checks[f"peak_at_most_{limit / GB:g}_gb"] = (
+                "error" not in ternary and ternary["peak_allocated_bytes"] <= limit
+            )
+    return checks
+
+
+def show(role: str, r: dict) -> None:
+    if "error" in r or "skipped" in r:
+        print(f"{role:8s} {r.get('error', r.get('skipped'))[-600:]}", flush=True)
+        return
+    peak = r["peak_allocated_bytes"]
+    resident = ""
+    if r["loaded_bytes"] is not None:
+        resident = f", {r['loaded_bytes'] / GB:.2f} of {r['model_bytes'] / GB:.2f} GB on the GPU"
+    print(
+        f"{role:8s} {r['comfyui_config']} {r['dtype']}: {r['seconds_per_step']:.3f} s/step, peak "
+        f"{'n/a' if peak is None else f'{peak / GB:.2f} GB'}{resident}, load "
+        f"{r['load_seconds']:.1f} s",
+        flush=True,
+    )
 
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| model | params | ternary share | file | bf16 / file | peak ternary | peak bf16 | "
-        "s/step ternary | s/step bf16 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | ComfyUI | params | ternary share | file | bf16 / file | peak ternary | "
+        "peak bf16 | s/step ternary | s/step bf16 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def peak(r):
         value = r.get("peak_allocated_bytes")
-        return "n/a" if value is None else format_bytes(value)
+        return "n/a" if value is None else f"{value / GB:.2f} GB"
 
     def speed(r):
-        return (r.get("error") or r.get("skipped") or f"{r['seconds_per_step']:.3f}")[:40]
+        if "seconds_per_step" in r:
+            return f"{r['seconds_per_step']:.3f}"
+        return (r.get("skipped") or "error").splitlines()[0][:40]
 
     for rec in records:
         t, b = rec["ternary"], rec["bf16"]
+        file = rec.get("file")
+        size = f"{file['bytes'] / GB:.3f} GB" if file else "-"
+        ratio = f"{file['ratio_vs_bf16']:.2f}x" if file else "-"
         lines.append(
-            f"| {rec['model']} ({rec['comfyui_config']}) | {rec['params_total'] / 1e9:.2f} B | "
-            f"{rec['share_quantized_percent']:.2f} % | {format_bytes(rec['file']['bytes'])} | "
-            f"{rec['file']['ratio_vs_bf16']:.2f}x | {peak(t)} | "
-            f"{'-' if 'skipped' in b else peak(b)} | {speed(t)} | {speed(b)} |"
+            f"| {rec['model']} | {t.get('comfyui_config', '?')} | "
+            f"{rec['params_total'] / 1e9:.2f} B | {rec['share_quantized_percent']:.2f} % | "
+            f"{size} | {ratio} | {peak(t)} | {'-' if 'skipped' in b else peak(b)} | "
+            f"{speed(t)} | {speed(b)} |"
         )
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict:
-    bench = Bench(args)
-    print(
-        f"{bench.env['device']} | torch {bench.env['torch']} | ComfyUI {bench.env['comfyui']} | "
-        f"{args.resolution}x{args.resolution}, {args.steps} steps (+{args.warmup} warm-up)",
-        flush=True,
+def gpu_name(device: str) -> str:
+    if device != "cuda":
+        import platform
+
+        return platform.processor() or "cpu"
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
     )
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 else "cuda (nvidia-smi failed)"
+
+
+def run(args: argparse.Namespace) -> dict:
+    import platform
+
+    import torch
+
     results = {
-        "environment": bench.env,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": {
+            "device": gpu_name(args.device),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "comfyui": comfy_env.comfyui_version(args.comfyui),
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        },
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "models": [],
     }
+    print(
+        f"{results['environment']['device']} | torch {torch.__version__} | ComfyUI "
+        f"{results['environment']['comfyui']} | {args.resolution}x{args.resolution}, "
+        f"{args.steps} steps (+{args.warmup} warm-up), ternary on a {args.cap_gb:g} GiB card",
+        flush=True,
+    )
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=args.file_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
         for spec in args.models.split(","):
             if args.time_budget and time.perf_counter() - start > args.time_budget:
                 results["models"].append({"model": spec, "skipped": "time budget spent"})
-                continue
-            try:
-                results["models"].append(bench.model(spec, Path(tmp)))
-            except Exception as err:  # keep the other models' numbers
-                traceback.print_exc()
-                results["models"].append({"model": spec, "error": repr(err)[:2000]})
-                bench.release()
+                print(f"\n== {spec}: skipped (time budget spent)", flush=True)
+            else:
+                results["models"].append(run_model(args, spec, Path(work)))
             results["seconds"] = time.perf_counter() - start
             if args.json:
-                write_json(args.json, results, overwrite=True)
+                write_json(args.json, results)
     done = [r for r in results["models"] if "ternary" in r]
     print("\n" + table(done))
     for rec in done:
-        failed = [name for name, ok in rec["targets"].items() if not ok]
         if rec["targets"]:
+            failed = [name for name, ok in rec["targets"].items() if not ok]
             verdict = "met" if not failed else "NOT met: " + ", ".join(failed)
             print(f"{rec['model']}: targets {verdict} ({', '.join(rec['targets'])})")
     print(f"total {time.perf_counter() - start:.0f} s")
     return results
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Replace the JSON file atomically (a run cut short leaves the last complete one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--comfyui", help="ComfyUI source folder (holding comfy/)")
+    p.add_argument("--comfyui", help="ComfyUI folder (holding comfy/sd.py)")
     p.add_argument("--json", type=Path, help="write every number here (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU at 64x64")
@@ -466,23 +449,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda (default) or cpu (--smoke)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default 1024)")
     p.add_argument("--text-tokens", type=int, help="text tokens (default: the family's)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 4)")
-    p.add_argument("--warmup", type=int, default=None, help="steps of the warm-up call (1)")
-    p.add_argument("--packing", choices=("2bit", "base3"), default="base3", help="file layout")
-    p.add_argument(
-        "--cap-gb", type=float, default=12.0, help="cap on the allocator for ternary runs (GB)"
-    )
+    p.add_argument("--steps", type=int, help="steps of the timed prompt (default 4)")
+    p.add_argument("--warmup", type=int, help="steps of the warm-up prompt (default 1)")
+    p.add_argument("--packing", choices=("base3", "2bit"), default="base3", help="file layout")
+    p.add_argument("--cap-gb", type=float, default=12.0, help="GPU size for ternary runs (GiB)")
     p.add_argument("--bf16", choices=("auto", "none"), default="auto", help="bf16 where it fits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=480.0, help="no new model after (s)")
-    p.add_argument("--file-dir", help="where the ternary files are written (and deleted)")
+    p.add_argument("--time-budget", type=float, default=420.0, help="no new model after (s)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per child process")
+    p.add_argument("--work", help="where the ternary files and latents are made (and deleted)")
     p.add_argument("--keep-files", action="store_true", help="keep the ternary files")
-    p.add_argument("--stub-av", action="store_true", help="stub PyAV even when installed")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
     smoke = args.smoke
     args.models = args.models or ",".join(SMOKE_MODELS if smoke else GPU_MODELS)
     args.device = args.device or ("cpu" if smoke else "cuda")
@@ -495,9 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.json} exists; pass --overwrite to replace it")
     results = run(args)
     if args.json:
-        write_json(args.json, results, overwrite=True)
+        write_json(args.json, results)
         print(f"wrote {args.json}")
-    return 0
+    return 0 if all("error" not in r.get("ternary", {}) for r in results["models"]) else 1
 
 
 if __name__ == "__main__":
