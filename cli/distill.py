@@ -17,7 +17,7 @@ import torch
 
 from ..distill.config import DistillConfig, DistillConfigError, load_config, read_settings_file
 from ..distill.distributed import DistEnv, init_distributed, shutdown
-from ..distill.student import load_student, student_from_tensors
+from ..distill.student import distillable, load_student, student_from_tensors
 from ..distill.teacher import (
     TeacherDataset,
     TeacherSettings,
@@ -81,6 +81,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         if not model_spec.startswith("random:"):
             model_spec = str(base / model_spec)
         shapes, get = dense_tensors(model_spec, env.device)
+        distillable(shapes)  # FLUX.1 only: other families are refused by name
         teacher = flux_from_state_dict({k: get(k) for k in shapes}, dtype, env.device).eval()
         context_dim = shapes["txt_in.weight"][1]
         encode = hashed_prompt_encoder(context_dim=context_dim)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -90,34 +90,36 @@ def _device(name: str) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..models.files import quantize_file
-    from ..models.flux1 import TINY_FLUX, random_flux_state_dict
-    from ..ternary.fileformat import StreamingWriter
+    from ..models.family import random_source
+    from ..models.files import quantize_file, quantize_tensors
+    from ..models.registry import random_spec
 
     device = _device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.src is None:
-            src = Path(tmp) / "tiny-flux.safetensors"
+    options = dict(
+        lora_rank=args.lora_rank,
+        scale_rule=args.scale_rule,
+        packing=args.packing,
+        device=device,
+        overwrite=args.force,
+        progress=ProgressPrinter("quantizing"),
+    )
+    if args.src is not None and args.random is not None:
+        raise ValueError("give a SRC file or --random, not both")
+    if args.src is None:
+        spec = args.random or f"flux:tiny:{TINY_SEED}"
+        family, preset, config, seed = random_spec(spec)
+        if args.random is None:
             print(f"no SRC given: quantizing the embedded tiny FLUX model (seed {TINY_SEED})")
-            state = random_flux_state_dict(TINY_FLUX, seed=TINY_SEED)
-            entries = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
-            with StreamingWriter(src, entries, {"source": "embedded tiny FLUX"}) as writer:
-                for key, tensor in state.items():
-                    writer.write(key, tensor)
             out = Path(args.output or "tiny-flux-ternary.safetensors")
         else:
-            src = Path(args.src)
-            out = Path(args.output or src.with_name(f"{src.stem}-ternary.safetensors"))
-        report = quantize_file(
-            src,
-            out,
-            lora_rank=args.lora_rank,
-            scale_rule=args.scale_rule,
-            packing=args.packing,
-            device=device,
-            overwrite=args.force,
-            progress=ProgressPrinter("quantizing"),
-        )
+            print(f"random weights (seed {seed}) of {family.describe(config)}, made layer by layer")
+            out = Path(args.output or f"{family.name}-{preset}-random-ternary.safetensors")
+        shapes, get = random_source(family.shapes(config), seed, device=device)
+        report = quantize_tensors(shapes, get, out, **options, source=f"random {spec}")
+    else:
+        src = Path(args.src)
+        out = Path(args.output or src.with_name(f"{src.stem}-ternary.safetensors"))
+        report = quantize_file(src, out, **options)
     print(report.format())
     print(f"wrote {out}")
     return 0
@@ -143,6 +145,21 @@ def cmd_import_reproduction(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_parameters(model) -> tuple[int, int]:
+    """(parameters of the model, of them in ternary layers) of a loaded ternary file; the
+    layers' scales and LoRA factors are the format's, not the model's."""
+    extra = {"weight_scale", "lora_down", "lora_up", "lora_alpha"}
+    total = ternary = 0
+    for key, shape in model.layout.logical_shapes.items():
+        module, _, suffix = key.rpartition(".")
+        if module in model.layers and suffix in extra:
+            continue
+        numel = math.prod(shape)
+        total += numel
+        ternary += numel if module in model.layers and suffix == "weight" else 0
+    return total, ternary
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Validate a ternary file as the loader does (header, contents and family)."""
     from ..models.files import load_ternary_model
@@ -150,11 +167,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = load_ternary_model(args.file)
     meta = model.metadata
     print(f"format     ternary-flux v{meta['format_version']}, packing {model.stored_packing}")
-    print(f"model      {model.family.describe(model.config)}")
+    print(f"model      {model.family.describe(model.config)} [{model.family.name}]")
     print(
         f"layers     {len(model.layers)} ternary, LoRA rank {model.lora_rank}, scale rule "
         f"{meta.get('scale_rule', '?')}"
     )
+    total, ternary = model_parameters(model)
+    print(f"ternary    {ternary:,} of {total:,} parameters ({100 * ternary / total:.2f} %)")
     print(f"size       {Path(args.file).stat().st_size:,} bytes")
     return 0
 
@@ -162,15 +181,26 @@ def cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m comfyui_ternary_flux",
-        description="1.58-bit (ternary) FLUX.1: quantize, inspect, import, distill.",
+        description="1.58-bit (ternary) FLUX.1, FLUX.2 and Chroma: quantize, inspect, import, "
+        "distill (FLUX.1).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a FLUX safetensors file to the ternary format")
+    q = sub.add_parser(
+        "quantize", help="quantize a FLUX.1 / FLUX.2 / Chroma safetensors file to ternary"
+    )
     q.add_argument(
         "src",
         nargs="?",
-        help="FLUX diffusion model (.safetensors); omitted: the embedded tiny model",
+        help="diffusion model (.safetensors) of FLUX.1, FLUX.2 or Chroma; omitted: the "
+        "embedded tiny FLUX.1 model",
+    )
+    q.add_argument(
+        "--random",
+        metavar="FAMILY:PRESET[:SEED]",
+        help="quantize seeded random weights instead of a file, made layer by layer (no dense "
+        "file is written): flux:dev, flux:schnell, flux2:dev, flux2:klein-4b, flux2:klein-9b, "
+        "chroma:full, or a tiny preset (flux:tiny, flux2:tiny, chroma:tiny)",
     )
     q.add_argument("-o", "--output", help="output file (default: SRC-ternary.safetensors)")
     q.add_argument(

@@ -13,11 +13,42 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ..models import flux1
+from ..models.family import ModelFamilyError
 from ..models.files import dense_tensors, load_ternary_model
-from ..models.flux1 import detect_config, is_block_linear
+from ..models.flux1 import FluxConfig, is_block_linear
 from ..models.flux1_torch import FluxTransformer, ternary_flux_from_state_dict
+from ..models.registry import detect_family, family_named
 from ..ternary.fileformat import FORMAT_NAME, MmapReader
 from ..ternary.module import TernaryLinear
+
+
+def distillable(shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
+    """The FLUX.1 configuration of a model to distill (or to make teacher data with).
+
+    Distillation runs the pure-torch FLUX.1 (models/flux1_torch.py), which exists for FLUX.1
+    only: any other family the pack knows is refused by name.
+    """
+    family, config = detect_family(shapes)
+    if family is not flux1.FAMILY:
+        raise ModelFamilyError(refusal(family.title))
+    return config
+
+
+def refusal(title: str) -> str:
+    return f"distillation supports FLUX.1 only; {title} is not supported yet"
+
+
+def refuse_other_families(reader: MmapReader) -> None:
+    """Refuse, by name, a model file of a family other than FLUX.1, from its header alone:
+    a ternary file's ``architecture``, a dense file's shapes."""
+    if reader.metadata.get("format") == FORMAT_NAME:
+        architecture = reader.metadata.get("architecture")
+        if architecture not in (None, flux1.FAMILY.name):
+            raise ModelFamilyError(refusal(family_named(architecture).title))
+        return
+    shapes, _ = dense_tensors(reader)
+    distillable({key: shape for key, (_, shape) in shapes.items()})
 
 
 def student_from_tensors(
@@ -34,7 +65,7 @@ def student_from_tensors(
     ``shapes`` / ``get`` give the BFL-named tensors (``get`` may read lazily from a file).
     LoRA factors start from a rank-r SVD of each layer's quantization residual.
     """
-    config = detect_config(shapes)
+    config = distillable(shapes)
 
     def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
         if not is_block_linear(name):
@@ -68,6 +99,7 @@ def load_student(
     """Student from a dense FLUX safetensors file (quantized here) or a ternary-flux v1 file
     (used as it is; its LoRA rank must equal ``lora_rank``)."""
     with MmapReader(path) as reader:
+        refuse_other_families(reader)  # from the header, before reading the weights
         if reader.metadata.get("format") != FORMAT_NAME:
             shapes, get = dense_tensors(reader)
             return student_from_tensors(
@@ -80,6 +112,8 @@ def load_student(
                 gradient_checkpointing,
             )
     ckpt = load_ternary_model(path, device)
+    if ckpt.family is not flux1.FAMILY:
+        raise ModelFamilyError(refusal(ckpt.family.title))
     if ckpt.lora_rank != lora_rank:
         raise ValueError(
             f"{path} has LoRA rank {ckpt.lora_rank}, the config asks for {lora_rank}; "

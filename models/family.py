@@ -4,7 +4,7 @@ models/registry.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +19,27 @@ class ModelFamilyError(ValueError):
 
 
 @dataclass(frozen=True)
+class TextConditioning:
+    """What a family's model is conditioned on, for random conditioning of the right shapes
+    (the Report node, benchmarks, tests): text embeddings [tokens, context_dim], a pooled
+    vector [pooled_dim] (None: the family has none) and the guidance value its text
+    encoding carries by default."""
+
+    context_dim: int
+    tokens: int  # what ComfyUI's text encoder of the family gives for a short prompt
+    pooled_dim: int | None
+    guidance: float
+
+
+@dataclass(frozen=True)
 class Family:
     """What the pack needs to know of one model family, in its own (BFL / ComfyUI) key names.
 
     ``claims`` is a cheap look at the keys that only this family has; ``detect`` reads the
     full configuration from the logical shapes (ternary weights as [N, K]) and raises
     ModelFamilyError naming what does not fit. ``is_ternary`` says which linear (module
-    name, without ``.weight``) becomes ternary: the linears inside the transformer blocks.
+    name, without ``.weight``) becomes ternary: the linears inside the transformer blocks
+    (and, for FLUX.2, the global modulation linears that replaced the blocks' own).
     """
 
     name: str  # the file header's ``architecture``
@@ -36,7 +50,64 @@ class Family:
     shapes: Callable[[Any], dict[str, tuple[int, ...]]]  # config -> every tensor's shape
     describe: Callable[[Any], str]  # config -> one line for reports
     latent_channels: Callable[[Any], int]
+    conditioning: Callable[[Any], TextConditioning]
     presets: Mapping[str, Any]  # named configurations (full sizes, tiny test models)
+
+    def preset(self, name: str) -> Any:
+        if name not in self.presets:
+            raise ModelFamilyError(
+                f"{self.title} has no preset {name!r}; choose from {', '.join(self.presets)}"
+            )
+        return self.presets[name]
+
+
+def add_linear(
+    shapes: dict[str, tuple[int, ...]], name: str, n_out: int, n_in: int, bias: bool = True
+) -> None:
+    """A linear's tensors in a {key: shape} being built (weight [out, in], bias [out])."""
+    shapes[f"{name}.weight"] = (n_out, n_in)
+    if bias:
+        shapes[f"{name}.bias"] = (n_out,)
+
+
+def check_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    shapes: Shapes,
+    title: str,
+    error: type[ModelFamilyError] = ModelFamilyError,
+) -> None:
+    """Every expected tensor present with its shape: a file cannot claim one size in its
+    embedders and hold another in its blocks. RMSNorm weights are ``*.scale`` in BFL files
+    and ``*.weight`` once ComfyUI has loaded them: either name is accepted."""
+    for key, shape in expected.items():
+        got = shapes.get(key)
+        if got is None and key.endswith(".scale"):
+            got = shapes.get(key[: -len("scale")] + "weight")
+        if got is None:
+            raise error(f"not a complete {title} model: {key} is missing")
+        if tuple(got) != shape:
+            raise error(f"{key} has shape {list(got)}, expected {list(shape)} for {title}")
+
+
+def iter_random_weights(
+    shapes: Mapping[str, tuple[int, ...]],
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    ones: Callable[[str], bool] = lambda key: key.endswith(".scale"),
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) in the order of ``shapes``, drawn from a seed one tensor at a time:
+    what :func:`random_weights` holds, without holding it (a 64 GB model can be made and
+    quantized layer by layer)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for key, shape in shapes.items():
+        if ones(key):
+            tensor = torch.ones(shape, device=device)
+        elif key.endswith(".bias") or len(shape) == 1:
+            tensor = 0.02 * torch.randn(shape, generator=gen, device=device)
+        else:
+            tensor = torch.randn(shape, generator=gen, device=device) / shape[1] ** 0.5
+        yield key, tensor.to(dtype)
 
 
 def random_weights(
@@ -51,17 +122,62 @@ def random_weights(
     Matrices are N(0, 1/fan_in) so activations keep their size through the blocks, biases
     are small, and norm weights (``ones``) are 1.
     """
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for key, shape in shapes.items():
-        if ones(key):
-            tensor = torch.ones(shape, device=device)
-        elif key.endswith(".bias") or len(shape) == 1:
-            tensor = 0.02 * torch.randn(shape, generator=gen, device=device)
-        else:
-            tensor = torch.randn(shape, generator=gen, device=device) / shape[1] ** 0.5
-        state[key] = tensor.to(dtype)
-    return state
+    return dict(iter_random_weights(shapes, seed, dtype, device, ones))
+
+
+def random_source(
+    shapes: Mapping[str, tuple[int, ...]],
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], Callable[[str], torch.Tensor]]:
+    """(shapes with dtypes, get) of :func:`random_weights` made one tensor at a time, for the
+    streaming quantizer (models/files.quantize_tensors): ``get`` must be asked for the keys
+    in order, and hands out exactly the tensors random_weights would hold."""
+    stream = iter_random_weights(shapes, seed, dtype, device)
+
+    def get(key: str) -> torch.Tensor:
+        made, tensor = next(stream, (None, None))
+        if made != key:
+            raise RuntimeError(f"random weights are made in order: asked for {key}, next {made}")
+        return tensor
+
+    return {key: (dtype, tuple(shape)) for key, shape in shapes.items()}, get
+
+
+# RMSNorm weights are `*_norm.scale` in BFL files and `*_norm.weight` inside ComfyUI.
+KEY_NORM = (
+    "double_blocks.0.img_attn.norm.key_norm.scale",
+    "double_blocks.0.img_attn.norm.key_norm.weight",
+)
+
+
+def flux_layout(
+    shapes: Shapes,
+    title: str,
+    required: tuple[str, ...],
+    error: type[ModelFamilyError] = ModelFamilyError,
+) -> tuple[int, int, int]:
+    """(head size, double blocks, single blocks) of a FLUX-like transformer (double and
+    single blocks with q / k RMSNorms), raising ``error`` that names the missing keys."""
+    missing = [k for k in required if k not in shapes]
+    key_norm = next((k for k in KEY_NORM if k in shapes), None)
+    if key_norm is None:
+        missing.append(KEY_NORM[0])
+    if missing:
+        raise error(
+            f"not a {title} diffusion model: missing "
+            + ", ".join(missing[:4])
+            + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        )
+    if len(shapes[key_norm]) != 1:
+        raise error(f"not a {title} diffusion model: {key_norm} is not a vector")
+    try:
+        depth = block_indices(shapes, "double_blocks", "double")
+        singles = block_indices(shapes, "single_blocks", "single")
+    except ModelFamilyError as err:
+        raise error(str(err)) from None
+    return shapes[key_norm][0], depth, singles
 
 
 def block_indices(shapes: Shapes, prefix: str, kind: str) -> int:
@@ -72,7 +188,7 @@ def block_indices(shapes: Shapes, prefix: str, kind: str) -> int:
     found = set()
     for key in shapes:
         if key.startswith(f"{prefix}."):
-            index = key.split(".")[1]
+            index = key[len(prefix) + 1 :].split(".")[0]
             if not (index.isascii() and index.isdigit()):
                 raise ModelFamilyError(f"{key}: block index {index!r} is not a number")
             found.add(int(index))

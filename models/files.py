@@ -207,33 +207,56 @@ def quantize_file(
     progress: Progress | None = None,
 ) -> QuantizeReport:
     """Stream a dense safetensors file of a known family into a v1 ternary file."""
-    start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_target(dst, overwrite=True)  # a name too long, a folder, a folder not writable
     if dst.exists() and src.resolve() == dst.resolve():
         raise ValueError("the output must not be the source file")
+    with MmapReader(src) as reader:
+        shapes, get = dense_tensors(reader)
+        return quantize_tensors(
+            shapes, get, dst, lora_rank, scale_rule, packing, device, overwrite, progress,
+            source=src.name,
+        )  # fmt: skip
+
+
+def quantize_tensors(
+    shapes: Shapes,
+    get: Callable[[str], torch.Tensor],
+    dst: str | os.PathLike,
+    lora_rank: int = 0,
+    scale_rule: str = "absmean",
+    packing: str = "base3",
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    source: str | None = None,
+) -> QuantizeReport:
+    """Quantize a dense model given tensor by tensor into a v1 file, streaming: ``shapes``
+    ({BFL key: (dtype, shape)}, in file order) and ``get(key)``, asked for each key once in
+    that order (it may read a file, or make the tensor: a model larger than memory is made
+    and quantized layer by layer). Peak memory is about one layer."""
+    start = time.perf_counter()
+    dst = Path(dst)
     if lora_rank < 0:
         raise ValueError(f"LoRA rank must be 0 (none) or more, got {lora_rank}")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
-    with MmapReader(src) as reader:
-        shapes, get = dense_tensors(reader)
-        family, config = detect_family(logical(shapes))
-        layers = ternary_layers(family, shapes, lora_rank)
-        report = QuantizeReport(family.describe(config))
-        report.count_source(shapes, layers)
-        meta = build_metadata(
-            {m: (p.n, p.k) for m, p in layers.items()},
-            packing,
-            lora_rank,
-            scale_rule,
-            architecture=family.name,
-            extra={"source": src.name},
-        )
-        quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device)
-        loop = convert(list(shapes), get, layers, quantizer, progress=progress)
-        entries = plan_entries(shapes, layers, packing)
-        write_converted(dst, entries, meta, loop, overwrite=overwrite)
+    family, config = detect_family(logical(shapes))
+    layers = ternary_layers(family, shapes, lora_rank)
+    report = QuantizeReport(family.describe(config))
+    report.count_source(shapes, layers)
+    meta = build_metadata(
+        {m: (p.n, p.k) for m, p in layers.items()},
+        packing,
+        lora_rank,
+        scale_rule,
+        architecture=family.name,
+        extra=None if source is None else {"source": source},
+    )
+    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device)
+    loop = convert(list(shapes), get, layers, quantizer, progress=progress)
+    entries = plan_entries(shapes, layers, packing)
+    write_converted(dst, entries, meta, loop, overwrite=overwrite)
     report.bytes_after = dst.stat().st_size
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

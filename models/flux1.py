@@ -1,6 +1,12 @@
 """FLUX.1 (dev, schnell, Kontext, Krea and fine-tunes with the same keys), in BFL / ComfyUI key
 names: its configuration, detection from shapes, which linears become ternary, every
-tensor's shape, and the presets used by tests, benchmarks and the default CLI job."""
+tensor's shape, and the presets used by tests, benchmarks and the default CLI job.
+
+Kontext and Krea have exactly FLUX.1-dev's keys and shapes (ComfyUI detects both as its
+``Flux`` model; Kontext's reference images reach the model as ``ref_latents``, set by the
+ReferenceLatent node), so they are this family; schnell is dev without ``guidance_in``.
+Ternary: every linear inside the double and single blocks, their modulation linears
+included (99.44 % of FLUX.1-dev's parameters, 99.52 % of schnell's)."""
 
 from __future__ import annotations
 
@@ -9,7 +15,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .family import Family, ModelFamilyError, Shapes, block_indices, random_weights
+from .family import (
+    Family,
+    ModelFamilyError,
+    Shapes,
+    TextConditioning,
+    add_linear,
+    check_shapes,
+    flux_layout,
+    random_weights,
+)
 
 # Every linear inside the double and single blocks, modulation included.
 _BLOCK_LINEAR = re.compile(
@@ -24,11 +39,6 @@ _REQUIRED = (
     "final_layer.linear.weight",
     "double_blocks.0.img_attn.qkv.weight",
     "double_blocks.0.img_mlp.0.weight",
-)
-# RMSNorm weights are `*_norm.scale` in BFL files and `*_norm.weight` inside ComfyUI.
-_KEY_NORM = (
-    "double_blocks.0.img_attn.norm.key_norm.scale",
-    "double_blocks.0.img_attn.norm.key_norm.weight",
 )
 
 
@@ -66,6 +76,9 @@ class FluxConfig:
 FLUX_DEV = FluxConfig()
 FLUX_SCHNELL = FluxConfig(guidance_embed=False)
 TINY_FLUX = FluxConfig(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
+TINY_SCHNELL = FluxConfig(
+    hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, guidance_embed=False
+)
 
 
 def claims(shapes: Shapes) -> bool:
@@ -79,29 +92,14 @@ def detect_config(shapes: Shapes) -> FluxConfig:
     Keys must be in BFL / ComfyUI names without a checkpoint prefix; shapes must be logical
     ([out, in] for linears).
     """
-    missing = [k for k in _REQUIRED if k not in shapes]
-    key_norm = next((k for k in _KEY_NORM if k in shapes), None)
-    if key_norm is None:
-        missing.append(_KEY_NORM[0])
-    if missing:
-        raise NotFluxError(
-            "not a FLUX.1 diffusion model: missing "
-            + ", ".join(missing[:4])
-            + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        )
+    head_dim, depth, singles = flux_layout(shapes, "FLUX.1", _REQUIRED, NotFluxError)
     try:
         hidden, in_channels = shapes["img_in.weight"]
-        (head_dim,) = shapes[key_norm]
         mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
         context_in_dim = shapes["txt_in.weight"][1]
         vec_in_dim = shapes["vector_in.in_layer.weight"][1]
     except (ValueError, IndexError):
         raise NotFluxError("not a FLUX.1 diffusion model: its embedders have odd shapes") from None
-    try:
-        depth = block_indices(shapes, "double_blocks", "double")
-        singles = block_indices(shapes, "single_blocks", "single")
-    except ModelFamilyError as err:
-        raise NotFluxError(str(err)) from None
     if head_dim < 1 or hidden % head_dim:
         raise NotFluxError(f"not a FLUX.1 model: hidden size {hidden} and head size {head_dim}")
     config = FluxConfig(
@@ -115,21 +113,8 @@ def detect_config(shapes: Shapes) -> FluxConfig:
         mlp_ratio=mlp_hidden / hidden,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
-    _check_shapes(config, shapes)
+    check_shapes(flux_shapes(config), shapes, "FLUX.1", NotFluxError)
     return config
-
-
-def _check_shapes(config: FluxConfig, shapes: Shapes) -> None:
-    """Every expected tensor present with its shape: a file cannot claim one size in its
-    embedders and hold another in its blocks."""
-    for key, shape in flux_shapes(config).items():
-        got = shapes.get(key)
-        if got is None and key.endswith("_norm.scale"):
-            got = shapes.get(key[: -len("scale")] + "weight")
-        if got is None:
-            raise NotFluxError(f"not a complete FLUX.1 model: {key} is missing")
-        if tuple(got) != shape:
-            raise NotFluxError(f"{key} has shape {list(got)}, expected {list(shape)} for FLUX.1")
 
 
 def flux_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
@@ -138,8 +123,7 @@ def flux_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
 
     def linear(name: str, n_out: int, n_in: int) -> None:
-        shapes[f"{name}.weight"] = (n_out, n_in)
-        shapes[f"{name}.bias"] = (n_out,)
+        add_linear(shapes, name, n_out, n_in)
 
     linear("img_in", h, config.in_channels)
     linear("time_in.in_layer", h, 256)
@@ -190,6 +174,11 @@ def describe(config: FluxConfig) -> str:
     )
 
 
+def conditioning(config: FluxConfig) -> TextConditioning:
+    """T5-XXL tokens (ComfyUI pads a prompt to 256) and CLIP-L's pooled vector."""
+    return TextConditioning(config.context_in_dim, 256, config.vec_in_dim, 3.5)
+
+
 FAMILY = Family(
     name="flux",
     title="FLUX.1",
@@ -199,5 +188,11 @@ FAMILY = Family(
     shapes=flux_shapes,
     describe=describe,
     latent_channels=lambda config: config.in_channels // 4,
-    presets={"dev": FLUX_DEV, "schnell": FLUX_SCHNELL, "tiny": TINY_FLUX},
+    conditioning=conditioning,
+    presets={
+        "dev": FLUX_DEV,
+        "schnell": FLUX_SCHNELL,
+        "tiny": TINY_FLUX,
+        "tiny-schnell": TINY_SCHNELL,
+    },
 )

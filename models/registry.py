@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import flux1
+from . import chroma, flux1, flux2
 from .family import Family, ModelFamilyError, Shapes
 
-FAMILIES: tuple[Family, ...] = (flux1.FAMILY,)
+FAMILIES: tuple[Family, ...] = (flux1.FAMILY, flux2.FAMILY, chroma.FAMILY)
 
 
 def supported() -> str:
@@ -43,3 +43,13 @@ def detect_family(shapes: Shapes) -> tuple[Family, Any]:
         names = ", ".join(f.title for f in claimed)
         raise ModelFamilyError(f"the weights look like several families at once ({names})")
     return claimed[0], claimed[0].detect(shapes)
+
+
+def random_spec(spec: str) -> tuple[Family, str, Any, int]:
+    """(family, preset name, config, seed) of ``FAMILY:PRESET[:SEED]`` (``flux2:dev``,
+    ``chroma:tiny:3``): a model of seeded random weights, for tests and benchmarks."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()):
+        raise ModelFamilyError(f"{spec!r}: expected FAMILY:PRESET or FAMILY:PRESET:SEED")
+    family = family_named(parts[0])
+    return family, parts[1], family.preset(parts[1]), int(parts[2]) if len(parts) == 3 else 0

@@ -21,12 +21,13 @@ from comfy_api.latest import io, ui
 from ..distill.config import DistillConfig
 from ..distill.progress import read_progress
 from ..distill.prompts import generate_prompts, read_prompt_file
-from ..distill.student import student_from_tensors
+from ..distill.student import distillable, refuse_other_families, student_from_tensors
 from ..distill.teacher import TeacherDataset, TeacherSettings, build_teacher_dataset
 from ..distill.train import check_run, distill
+from ..ternary.fileformat import MmapReader, TernaryFormatError
 from ..ternary.quantize import SCALE_RULES
 from . import folders
-from .model_io import check_flux, dense_state_dict, load_ternary_patcher
+from .model_io import check_flux, dense_state_dict, load_ternary_patcher, logical_shapes
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 LossMap = io.Custom("LOSS_MAP")
@@ -88,6 +89,17 @@ def comfy_velocity_fn(patcher):
         return out.float()
 
     return velocity
+
+
+def refuse_other_family_file(path: str) -> None:
+    """Refuse a model file of another family before a job starts on it; a file whose header
+    cannot be read is left to the job, whose log says why."""
+    try:
+        reader = MmapReader(path)
+    except (TernaryFormatError, OSError):
+        return
+    with reader:
+        refuse_other_families(reader)
 
 
 def _number_inputs() -> list:
@@ -256,6 +268,7 @@ class BuildTeacherDataset(io.ComfyNode):
         guidance, points_per_prompt, seed, shard_size,
     ) -> io.NodeOutput:  # fmt: skip
         check_flux(model)
+        distillable(logical_shapes(model))  # FLUX.1 only, others refused by name
         prompt_list = calibration_prompts(prompts, prompt_file, generate, seed)
         settings = TeacherSettings(
             width=width, height=height, steps=steps, guidance=guidance,
@@ -344,6 +357,7 @@ class DistillTernary(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, name, gradient_checkpointing, **numbers) -> io.NodeOutput:
         check_flux(model)
+        distillable(logical_shapes(model))  # FLUX.1 only, others refused by name
         device = comfy.model_management.get_torch_device()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         work = job_dir(name)
@@ -408,6 +422,7 @@ class DistillJob(io.ComfyNode):
     def execute(cls, model_file, dataset, name, gpus, **numbers) -> io.NodeOutput:
         work = job_dir(name)
         model = folder_paths.get_full_path_or_raise("diffusion_models", model_file)
+        refuse_other_family_file(model)  # here, not in the background
         config = _config(dataset, model, folders.output_path(name), work, **numbers)
         check_run(config, TeacherDataset(config.data), gpus)  # here, not in the background
         work.mkdir(parents=True, exist_ok=True)

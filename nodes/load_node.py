@@ -16,7 +16,8 @@ class LoadTernaryDiffusionModel(io.ComfyNode):
             node_id="TernaryFluxLoader",
             display_name="Load Ternary Diffusion Model",
             category="model/loaders/ternary",
-            description="Loads a 1.58-bit (ternary) FLUX diffusion model from models/ternary. "
+            description="Loads a 1.58-bit (ternary) FLUX.1, FLUX.2 or Chroma diffusion model from "
+            "models/ternary; ComfyUI detects which model it is, as for Load Diffusion Model. "
             "Use it like Load Diffusion Model; LoRAs apply with the usual LoRA loaders.",
             inputs=[
                 io.Combo.Input(

@@ -8,6 +8,7 @@ offloading and Dynamic VRAM are ComfyUI's, and the result is an ordinary MODEL.
 from __future__ import annotations
 
 import os
+import re
 
 import comfy.lora
 import comfy.model_management
@@ -90,9 +91,13 @@ def load_ternary_patcher(path: str | os.PathLike, act_bits: int = 16, disable_dy
     return patcher
 
 
+_RMS_NORMS = re.compile(r"(query_norm|key_norm|distilled_guidance_layer\.norms\.\d+)\.weight$")
+
+
 def bfl_key(key: str) -> str:
-    """A diffusion-model key in BFL names (ComfyUI names ``*_norm.scale`` ``*_norm.weight``)."""
-    if key.endswith(("query_norm.weight", "key_norm.weight")):
+    """A diffusion-model key in BFL names: ComfyUI names the RMSNorm weights ``*.weight``
+    that BFL files name ``*.scale`` (q / k norms of every family, Chroma's guidance net)."""
+    if _RMS_NORMS.search(key):
         return key[: -len("weight")] + "scale"
     return key
 

@@ -1,4 +1,5 @@
-"""Quantize Model to Ternary: a FLUX MODEL (bf16 / fp16 / fp8) -> a new ternary MODEL."""
+"""Quantize Model to Ternary: a FLUX.1 / FLUX.2 / Chroma MODEL (bf16 / fp16 / fp8) -> a new
+ternary MODEL."""
 
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ class QuantizeModelToTernary(io.ComfyNode):
             node_id="TernaryFluxQuantize",
             display_name="Quantize Model to Ternary",
             category="model/ternary",
-            description="Makes a new 1.58-bit copy of a FLUX model: every linear inside the "
-            "double and single blocks becomes ternary. The input MODEL is left as it is. "
+            description="Makes a new 1.58-bit copy of a FLUX.1, FLUX.2 or Chroma model: every "
+            "linear inside the double and single blocks (for FLUX.2 also its three global "
+            "modulation linears) becomes ternary. The input MODEL is left as it is. "
             "Without distillation the images degrade; a LoRA rank > 0 recovers part of it.",
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="A FLUX.1 diffusion model (bf16, fp16 or fp8); LoRAs already "
+                    tooltip="A FLUX.1, FLUX.2 or Chroma diffusion model (bf16, fp16 or fp8); "
+                    "LoRAs already "
                     "applied to it are quantized with it.",
                 ),
                 io.Int.Input(

@@ -4,7 +4,7 @@ Each model runs the same model call ComfyUI's samplers make (``BaseModel.apply_m
 after ``load_models_gpu``): the first sampling step of a generation, pure noise at sigma 1,
 with the given or seeded random conditioning. Every model is measured alone (the other
 models are unloaded first), so its peak VRAM is its own weights plus the activations.
-The error is that of the ternary model's prediction (FLUX's velocity) against the
+The error is that of the ternary model's prediction (the flow's velocity) against the
 reference's on identical inputs.
 """
 
@@ -13,56 +13,88 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import comfy.model_management as mm
+import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.flux1 import FluxConfig, detect_config
+from ..models.family import Family
+from ..models.registry import detect_family
 from ..ternary.measure import ReportRow, format_report, measure_step, render_chart
 from .model_io import logical_shapes
 from .ternary_ops import ternary_modules
 
 SIGMA = 1.0
-RANDOM_TOKENS = 256  # ComfyUI's T5 prompt length for FLUX
-DEFAULT_GUIDANCE = 3.5
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# ComfyUI's text encoders of each family, for the message when other conditioning is given.
+TEXT_ENCODERS = {
+    "flux": "DualCLIPLoader type flux -> CLIPTextEncode",
+    "flux2": "CLIPLoader type flux2 -> CLIPTextEncode",
+    "chroma": "CLIPLoader type chroma -> CLIPTextEncode",
+}
 
 
 @dataclass(frozen=True)
 class StepInputs:
-    """The inputs of one FLUX model call (CPU tensors; each run moves them to its device)."""
+    """The inputs of one model call (CPU tensors; each run moves them to its device)."""
 
-    noise: torch.Tensor  # [1, C, H/8, W/8]
-    context: torch.Tensor  # [1, tokens, context_in_dim]
-    pooled: torch.Tensor  # [1, vec_in_dim]
+    noise: torch.Tensor  # [1, latent channels, H / downscale, W / downscale]
+    context: torch.Tensor  # [1, tokens, context_dim]
+    pooled: torch.Tensor | None  # [1, pooled_dim]; None for families without one
     guidance: float
 
 
-def step_inputs(
-    patcher, config: FluxConfig, width: int, height: int, seed: int, conditioning=None
-) -> StepInputs:
-    """Noise of the latent size, and the conditioning (given, or seeded random)."""
+def model_family(patcher) -> tuple[Family, object]:
+    """(family, config) of a MODEL's diffusion model (ModelFamilyError names what it is)."""
+    return detect_family(logical_shapes(patcher))
+
+
+def step_inputs(patcher, width: int, height: int, seed: int, conditioning=None) -> StepInputs:
+    """Noise of the model's latent size, and conditioning of its family's shapes: the given
+    one, or seeded random (text width, tokens, pooled vector or not, default guidance from
+    the family; latent channels and downscale from ComfyUI's latent format)."""
     if width % 16 or height % 16:
         raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
+    family, config = model_family(patcher)
+    text = family.conditioning(config)
+    latent = patcher.model.latent_format
+    down = latent.spacial_downscale_ratio
     gen = torch.Generator().manual_seed(seed)
-    channels = patcher.model.latent_format.latent_channels
-    noise = torch.randn(1, channels, height // 8, width // 8, generator=gen)
+    noise = torch.randn(1, latent.latent_channels, height // down, width // down, generator=gen)
     if conditioning is None:
-        context = torch.randn(1, RANDOM_TOKENS, config.context_in_dim, generator=gen)
-        pooled = torch.randn(1, config.vec_in_dim, generator=gen)
-        return StepInputs(noise, context, pooled, DEFAULT_GUIDANCE)
+        context = torch.randn(1, text.tokens, text.context_dim, generator=gen)
+        pooled = None if text.pooled_dim is None else torch.randn(1, text.pooled_dim, generator=gen)
+        return StepInputs(noise, context, pooled, text.guidance)
     context, extras = conditioning[0]
-    if extras.get("pooled_output") is None:
+    encoder = TEXT_ENCODERS.get(family.name, f"a {family.title} text encoder")
+    pooled = extras.get("pooled_output")
+    if text.pooled_dim is not None and pooled is None:
         raise ValueError(
-            "the conditioning has no pooled output: connect a FLUX text encoding "
-            "(DualCLIPLoader type flux -> CLIPTextEncode)"
+            f"the conditioning has no pooled output: connect a {family.title} text encoding "
+            f"({encoder})"
         )
-    if context.shape[-1] != config.context_in_dim:
+    if context.shape[-1] != text.context_dim:
         raise ValueError(
-            f"the conditioning has {context.shape[-1]} channels; this model takes "
-            f"{config.context_in_dim} (a FLUX text encoding is needed)"
+            f"the conditioning has {context.shape[-1]} channels; this {family.title} model takes "
+            f"{text.context_dim} ({encoder})"
         )
-    guidance = float(extras.get("guidance", DEFAULT_GUIDANCE))
-    return StepInputs(noise, context[:1], extras["pooled_output"][:1], guidance)
+    guidance = float(extras.get("guidance", text.guidance))
+    pooled = None if text.pooled_dim is None else pooled[:1]
+    return StepInputs(noise, context[:1], pooled, guidance)
+
+
+def model_kwargs(patcher, inputs: StepInputs, device) -> dict:
+    """The model's inputs as ComfyUI's sampler builds them from a conditioning: the model's
+    own ``extra_conds`` (FLUX.2 pads the text to 512 tokens, Chroma's guidance input...) and
+    the sampler's ``cond_cat``."""
+    conds = patcher.model.extra_conds(
+        cross_attn=inputs.context,
+        pooled_output=inputs.pooled,
+        guidance=inputs.guidance,
+        noise=inputs.noise,
+        device=device,
+    )
+    batch = {k: c.process_cond(batch_size=1, area=None, device=device) for k, c in conds.items()}
+    return comfy.samplers.cond_cat([batch], device)
 
 
 def model_label(patcher) -> str:
@@ -85,14 +117,12 @@ def measure(patcher, inputs: StepInputs, steps: int, name: str, reference=None):
     device = patcher.load_device
     noise = inputs.noise.to(device)
     sigma = torch.full((1,), SIGMA, device=device)
-    guidance = torch.full((1,), inputs.guidance, device=device)
+    kwargs = model_kwargs(patcher, inputs, device)
 
     @torch.inference_mode()
     def step() -> torch.Tensor:
-        denoised = patcher.model.apply_model(
-            noise, sigma, c_crossattn=inputs.context, y=inputs.pooled, guidance=guidance
-        )
-        return (noise - denoised) / SIGMA  # FLUX's velocity: denoised = x - sigma * v
+        denoised = patcher.model.apply_model(noise, sigma, **kwargs)
+        return (noise - denoised) / SIGMA  # the flow's velocity: denoised = x - sigma * v
 
     measured = measure_step(step, device, warmup=1, repeats=steps)
     row = ReportRow.from_measurement(name, patcher.model.diffusion_model, measured, reference)
@@ -111,13 +141,14 @@ class TernaryReport(io.ComfyNode):
             node_id="TernaryFluxReport",
             display_name="Ternary Report",
             category="model/ternary",
-            description="Times a FLUX MODEL (usually the ternary one) at one resolution: "
+            description="Times a FLUX.1, FLUX.2 or Chroma MODEL (usually the ternary one) at "
+            "one resolution: "
             "weight bytes, peak VRAM (GPU only), seconds per model call, and, with a bf16 "
             "reference connected, the relative error of its prediction. Unloads the other "
             "models first so each is measured alone.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL to measure (a ternary FLUX model)."),
+                io.Model.Input("model", tooltip="The MODEL to measure (a ternary model)."),
                 io.Int.Input(
                     "width",
                     default=1024,
@@ -153,14 +184,15 @@ class TernaryReport(io.ComfyNode):
                 io.Model.Input(
                     "reference",
                     optional=True,
-                    tooltip="The bf16 FLUX MODEL the ternary one was made from: adds its row "
+                    tooltip="The bf16 MODEL the ternary one was made from: adds its row "
                     "and the relative error of the ternary model against it.",
                 ),
                 io.Conditioning.Input(
                     "conditioning",
                     optional=True,
-                    tooltip="FLUX conditioning (CLIPTextEncode, FluxGuidance) to run with. "
-                    "Without it: seeded random text embeddings of FLUX's shapes, guidance 3.5.",
+                    tooltip="The model's text conditioning (CLIPTextEncode, FluxGuidance) to run "
+                    "with. Without it: seeded random text embeddings of the model family's "
+                    "shapes, its default guidance (FLUX.1 3.5, FLUX.2 4, Chroma 0).",
                 ),
             ],
             outputs=[
@@ -184,14 +216,16 @@ class TernaryReport(io.ComfyNode):
         reference=None,
         conditioning=None,
     ) -> io.NodeOutput:
-        config = detect_config(logical_shapes(model))  # NotFluxError names what is missing
-        inputs = step_inputs(model, config, width, height, seed, conditioning)
+        family, config = model_family(model)  # ModelFamilyError names what was found
+        inputs = step_inputs(model, width, height, seed, conditioning)
         rows, reference_name, reference_output = [], None, None
         if reference is not None:
             if ternary_modules(reference):
-                raise ValueError("reference: connect the dense bf16 FLUX model, not a ternary one")
-            if detect_config(logical_shapes(reference)) != config:
-                raise ValueError("reference: not the same FLUX architecture as the model")
+                raise ValueError("reference: connect the dense bf16 model, not a ternary one")
+            if model_family(reference) != (family, config):
+                raise ValueError(
+                    f"reference: not the same {family.title} architecture as the model"
+                )
             reference_name = f"{model_label(reference)} (reference)"
             row, reference_output = measure(reference, inputs, steps, reference_name)
             rows.append(row)

@@ -127,19 +127,21 @@ class ComfyServer:
         self.log.close()
 
 
-def save_random_taef1(folder: Path, seed: int = 0) -> None:
-    """A randomly initialised TAEF1 (FLUX's tiny VAE) that VAELoader loads as 'taef1'.
+def save_random_tae(folder: Path, name: str = "taef1", seed: int = 0) -> None:
+    """A randomly initialised tiny VAE that VAELoader loads as ``name``: 'taef1' (FLUX.1's,
+    16 latent channels) or 'taef2' (FLUX.2's, 128).
 
     Built from ComfyUI's own TAESD modules, so the keys are whatever ComfyUI expects.
     """
     import_comfyui()
-    from comfy.taesd.taesd import Decoder, Encoder
+    from comfy.taesd.taesd import TAESD
 
     gen = torch.Generator().manual_seed(seed)
-    for part, module in (("encoder", Encoder(16)), ("decoder", Decoder(16))):
+    tae = TAESD(latent_channels={"taef1": 16, "taef2": 128}[name])
+    for part, module in (("encoder", tae.taesd_encoder), ("decoder", tae.taesd_decoder)):
         state = {}
         for key, tensor in module.state_dict().items():
             fan_in = tensor[0].numel() if tensor.dim() > 1 else 0
             scale = fan_in**-0.5 if fan_in else 0.0
             state[key] = torch.randn(tensor.shape, generator=gen) * scale
-        save_file(state, folder / f"taef1_{part}.safetensors")
+        save_file(state, folder / f"{name}_{part}.safetensors")

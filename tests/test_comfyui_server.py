@@ -1,4 +1,5 @@
-"""Integration: the pack's nodes inside a real ComfyUI server (headless, CPU, tiny FLUX).
+"""Integration: the pack's nodes inside a real ComfyUI server (headless, CPU, tiny FLUX.1 and
+FLUX.2).
 
 One server for the whole module. References are computed by the same server running
 ComfyUI's own nodes on the dequantized model (s T + LoRA stored as dense float32).
@@ -12,11 +13,13 @@ import pytest
 import torch
 from comfyui_harness import REPO, require_comfyui
 from comfyui_reference import dequantized
-from comfyui_server import ComfyServer, save_random_taef1
+from comfyui_server import ComfyServer, save_random_tae
 from PIL import Image
 from safetensors.torch import save_file
 from test_reproduction import make_checkpoint, to_diffusers
 
+from comfyui_ternary_flux.models import flux2
+from comfyui_ternary_flux.models.family import random_weights
 from comfyui_ternary_flux.models.files import quantize_state_dict
 from comfyui_ternary_flux.models.flux1 import TINY_FLUX, random_flux_state_dict
 from comfyui_ternary_flux.models.reproduction import import_reproduction
@@ -43,6 +46,29 @@ def diffusers_lora(rank: int = 4) -> dict[str, torch.Tensor]:
     return lora
 
 
+def flux2_lora(rank: int = 3) -> dict[str, torch.Tensor]:
+    """A FLUX.2 LoRA: diffusers names (fused to_qkv_mlp_proj, ff.linear_in, a qkv slice) and
+    kohya names on a global modulation linear."""
+    gen = torch.Generator().manual_seed(8)
+    h = flux2.TINY_FLUX2.hidden_size
+    targets = {
+        "transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj": 9 * h,
+        "transformer.transformer_blocks.0.ff.linear_in": 6 * h,
+        "transformer.transformer_blocks.1.attn.add_q_proj": h,
+    }
+    lora = {}
+    for name, rows in targets.items():
+        lora[f"{name}.lora_A.weight"] = 0.1 * torch.randn(rank, h, generator=gen)
+        lora[f"{name}.lora_B.weight"] = 0.1 * torch.randn(rows, rank, generator=gen)
+    lora["lora_unet_single_stream_modulation_lin.lora_down.weight"] = 0.1 * torch.randn(
+        rank, h, generator=gen
+    )
+    lora["lora_unet_single_stream_modulation_lin.lora_up.weight"] = 0.1 * torch.randn(
+        3 * h, rank, generator=gen
+    )
+    return lora
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfyui = require_comfyui()
@@ -59,7 +85,22 @@ def server(tmp_path_factory):
     save_file(state, models / "ternary" / "plain_flux.safetensors")
     (models / "ternary" / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{no")
     save_file(diffusers_lora(), models / "loras" / "tiny_lora.safetensors")
-    save_random_taef1(models / "vae_approx")
+    save_random_tae(models / "vae_approx", "taef1")
+    save_random_tae(models / "vae_approx", "taef2")
+    state2 = random_weights(flux2.flux2_shapes(flux2.TINY_FLUX2), seed=13)
+    tensors, layers, _ = quantize_state_dict(state2, lora_rank=2)
+    save_ternary_file(
+        models / "ternary" / "tiny_flux2_ternary.safetensors",
+        tensors,
+        layers,
+        lora_rank=2,
+        architecture="flux2",
+    )
+    save_file(
+        dequantized(tensors, layers),
+        models / "diffusion_models" / "tiny_flux2_dequantized.safetensors",
+    )
+    save_file(flux2_lora(), models / "loras" / "tiny_flux2_lora.safetensors")
     checkpoint = models / "ternary" / "tiny_distilled.pt"
     torch.save(make_checkpoint(to_diffusers(state)[0], rank=4, seed=12), checkpoint)
     import_reproduction(
@@ -74,16 +115,26 @@ def server(tmp_path_factory):
         srv.stop()
 
 
-def sample_graph(model_nodes: dict, model_ref: list, prefix: str, seed: int = 1) -> dict:
+# Seeded conditioning and the empty latent of each family (tiny models' text widths).
+CONDITIONING = {"flux": {"channels": 4096, "pooled": 768}, "flux2": {"channels": 512, "pooled": 0}}
+EMPTY_LATENT = {"flux": "EmptySD3LatentImage", "flux2": "EmptyFlux2LatentImage"}
+
+
+def sample_graph(
+    model_nodes: dict, model_ref: list, prefix: str, seed: int = 1, family: str = "flux"
+) -> dict:
     """API graph: conditioning + FluxGuidance + KSampler (2 steps, 64x64) + SaveLatent."""
     graph = {
-        "cond": {"class_type": "TernaryTestConditioning", "inputs": {"seed": 3, "tokens": 8}},
+        "cond": {
+            "class_type": "TernaryTestConditioning",
+            "inputs": {"seed": 3, "tokens": 8, **CONDITIONING[family]},
+        },
         "guided": {
             "class_type": "FluxGuidance",
             "inputs": {"conditioning": ["cond", 0], "guidance": 3.5},
         },
         "latent": {
-            "class_type": "EmptySD3LatentImage",
+            "class_type": EMPTY_LATENT[family],
             "inputs": {"width": 64, "height": 64, "batch_size": 1},
         },
         "sampler": {
@@ -121,19 +172,15 @@ def dense_loader(name: str = "tiny_dequantized.safetensors", dtype: str = "defau
     return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": dtype}}
 
 
-def lora(model_ref: list, strength: float) -> dict:
+def lora(model_ref: list, strength: float, name: str = "tiny_lora.safetensors") -> dict:
     return {
         "class_type": "LoraLoaderModelOnly",
-        "inputs": {
-            "model": model_ref,
-            "lora_name": "tiny_lora.safetensors",
-            "strength_model": strength,
-        },
+        "inputs": {"model": model_ref, "lora_name": name, "strength_model": strength},
     }
 
 
-def sample(server, model_nodes, model_ref, prefix, seed=1) -> torch.Tensor:
-    entry = server.run(sample_graph(model_nodes, model_ref, prefix, seed))
+def sample(server, model_nodes, model_ref, prefix, seed=1, family="flux") -> torch.Tensor:
+    entry = server.run(sample_graph(model_nodes, model_ref, prefix, seed, family))
     assert entry["status"]["status_str"] == "success", server.error_of(entry)
     return server.latent(entry, "save")
 
@@ -167,6 +214,58 @@ def test_lora_on_the_ternary_model_acts_as_on_the_dequantized_one(server):
     plain = sample(server, {"m": ternary_loader()}, ["m", 0], "plain_again", seed=1)
     assert relative(out, plain) > 1e-3  # the LoRA did something
     assert relative(plain, sample(server, {"m": dense_loader()}, ["m", 0], "ref_again")) < 1e-4
+
+
+def test_flux2_ternary_file_samples_as_the_dequantized_one_with_and_without_lora(server):
+    """ComfyUI's own detection makes a FLUX.2 model of the ternary file (128-channel latent,
+    EmptyFlux2LatentImage), and its LoRA loader runs on the ternary layers as branches."""
+    ternary = {"m": ternary_loader("tiny_flux2_ternary.safetensors")}
+    dense = {"m": dense_loader("tiny_flux2_dequantized.safetensors")}
+    out = sample(server, ternary, ["m", 0], "flux2", family="flux2")
+    assert out.shape == (1, 128, 4, 4)
+    assert relative(out, sample(server, dense, ["m", 0], "flux2_ref", family="flux2")) < 1e-4
+    name = "tiny_flux2_lora.safetensors"
+    patched = sample(
+        server, {**ternary, "l": lora(["m", 0], 0.7, name)}, ["l", 0], "flux2_lora", family="flux2"
+    )
+    reference = sample(
+        server,
+        {**dense, "l": lora(["m", 0], 0.7, name)},
+        ["l", 0],
+        "flux2_lora_ref",
+        family="flux2",
+    )
+    assert relative(patched, reference) < 1e-4 and relative(patched, out) > 1e-3
+
+
+def test_kontext_reference_latent_reaches_the_ternary_model(server):
+    """FLUX.1 Kontext is FLUX.1-dev by its keys; its reference image (ReferenceLatent) must
+    act on the ternary model as on the dequantized one."""
+
+    def graph(model_node: dict, prefix: str, reference: bool = True) -> dict:
+        nodes = {"m": model_node}
+        if reference:
+            nodes["ref"] = {
+                "class_type": "TernaryTestLatent",
+                "inputs": {"seed": 4, "channels": 16, "height": 8, "width": 6},
+            }
+            nodes["edit"] = {
+                "class_type": "ReferenceLatent",
+                "inputs": {"conditioning": ["cond", 0], "latent": ["ref", 0]},
+            }
+        built = sample_graph(nodes, ["m", 0], prefix)
+        if reference:
+            built["guided"]["inputs"]["conditioning"] = ["edit", 0]
+        return built
+
+    def run(built):
+        entry = server.run(built)
+        assert entry["status"]["status_str"] == "success", server.error_of(entry)
+        return server.latent(entry, "save")
+
+    out = run(graph(ternary_loader(), "kontext"))
+    assert relative(out, run(graph(dense_loader(), "kontext_ref"))) < 1e-4
+    assert relative(out, run(graph(ternary_loader(), "kontext_plain", reference=False))) > 1e-3
 
 
 def test_quantize_save_load_round_trip_is_identical(server):
@@ -273,7 +372,10 @@ TINY_FILES = {
     "flux1-dev-ternary.safetensors": "tiny_ternary.safetensors",
     "ternary_distilled_r64.pt": "tiny_distilled.pt",
     "ae.safetensors": "taef1",
+    "flux2-dev-ternary.safetensors": "tiny_flux2_ternary.safetensors",
+    "flux2-vae.safetensors": "taef2",
 }
+TEXT_ENCODERS = {"DualCLIPLoader": "flux", "CLIPLoader": "flux2"}  # loader -> family
 TINY_SIZES = {"width": 64, "height": 64, "steps": 2}
 
 
@@ -281,13 +383,16 @@ def tiny_workflow(name: str) -> dict:
     """A shipped API workflow on the tiny models: seeded conditioning instead of the text
     encoders, tiny files, 64x64, 2 steps; everything else as shipped."""
     graph = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    family = next(
+        TEXT_ENCODERS[n["class_type"]] for n in graph.values() if n["class_type"] in TEXT_ENCODERS
+    )
     for node_id, node in list(graph.items()):
-        if node["class_type"] == "DualCLIPLoader":
+        if node["class_type"] in TEXT_ENCODERS:
             del graph[node_id]
         elif node["class_type"] == "CLIPTextEncode":
             graph[node_id] = {
                 "class_type": "TernaryTestConditioning",
-                "inputs": {"seed": int(node_id), "tokens": 8},
+                "inputs": {"seed": int(node_id), "tokens": 8, **CONDITIONING[family]},
             }
         else:
             inputs = node["inputs"]
@@ -300,7 +405,14 @@ def tiny_workflow(name: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", ["text_to_image_ternary", "quantize_and_save", "import_reproduction", "report"]
+    "name",
+    [
+        "text_to_image_ternary",
+        "quantize_and_save",
+        "import_reproduction",
+        "report",
+        "text_to_image_flux2_ternary",
+    ],
 )
 def test_shipped_workflow_runs_and_writes_images(server, name):
     graph = tiny_workflow(name)

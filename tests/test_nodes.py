@@ -299,7 +299,7 @@ def test_report_measures_the_model_call_of_the_sampler(quantized):
     context = torch.randn(1, 7, TINY_FLUX.context_in_dim, generator=gen)
     pooled = torch.randn(1, TINY_FLUX.vec_in_dim, generator=gen)
     conditioning = [[context, {"pooled_output": pooled, "guidance": 2.0}]]
-    inputs = step_inputs(ternary, TINY_FLUX, 48, 80, 4, conditioning)
+    inputs = step_inputs(ternary, 48, 80, 4, conditioning)
     assert inputs.noise.shape == (1, 16, 10, 6) and inputs.guidance == 2.0
     assert torch.equal(inputs.context, context) and torch.equal(inputs.pooled, pooled)
 
@@ -337,7 +337,7 @@ def test_report_node_shows_a_table_and_a_chart(quantized):
 def test_report_refuses_bad_models(quantized):
     tensors, _ = quantized
     ternary = patcher_from_state_dict(tensors, scale_rule="absmean")
-    with pytest.raises(ValueError, match="reference: connect the dense bf16 FLUX model"):
+    with pytest.raises(ValueError, match="reference: connect the dense bf16 model"):
         TernaryReport.execute(ternary, 64, 64, 1, 0, reference=ternary)
     with pytest.raises(ValueError, match="multiples of 16"):
         TernaryReport.execute(ternary, 72, 64, 1, 0)

@@ -125,3 +125,29 @@ def test_distill_interrupted_ends_cleanly_and_resumes(distill_job, capsys, monke
     assert main(["distill", config_file()]) == 0  # resumes from the step-2 checkpoint
     assert "resuming from" in capsys.readouterr().out
     assert read_progress(work)[0]["state"] == "finished"
+
+
+def test_teacher_and_distill_refuse_other_families_by_name(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from comfyui_ternary_flux.models import flux2
+    from comfyui_ternary_flux.models.family import random_weights
+    from comfyui_ternary_flux.models.files import quantize_file
+
+    save_file(random_weights(flux2.flux2_shapes(flux2.TINY_KLEIN)), tmp_path / "klein.safetensors")
+    quantize_file(tmp_path / "klein.safetensors", tmp_path / "klein-ternary.safetensors")
+    message = "distillation supports FLUX.1 only; FLUX.2 is not supported yet"
+    (tmp_path / "t.json").write_text(json.dumps({"model": "klein.safetensors", "output": "d"}))
+    assert main(["teacher", str(tmp_path / "t.json")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    teacher = {"model": "random:tiny:3", "output": "data", "prompts": ["a cat"], "width": 32,
+               "height": 32, "steps": 1, "points_per_prompt": 1, "device": "cpu"}  # fmt: skip
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    assert main(["teacher", str(tmp_path / "teacher.json")]) == 0
+    for model in ("klein.safetensors", "klein-ternary.safetensors"):
+        (tmp_path / "d.json").write_text(json.dumps({"model": model, "data": "data",
+                                                     "output": "o.safetensors"}))  # fmt: skip
+        assert main(["distill", str(tmp_path / "d.json")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()

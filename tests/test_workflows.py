@@ -5,7 +5,7 @@ Every ``workflows/*.json`` (UI format: what users drag in) must have an API-form
 the way ComfyUI loads custom nodes) are registered in-process; the API graphs then go through
 ComfyUI's own prompt validation (node types, required inputs, combo values, ranges, link
 types), and the UI graphs through checks of their links and widgets. File combos are
-checked against placeholder files with the standard FLUX.1-dev names.
+checked against placeholder files with the standard FLUX.1-dev and FLUX.2-dev names.
 """
 
 from __future__ import annotations
@@ -29,11 +29,19 @@ WORKFLOWS = REPO / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-USER_FILES = {  # the files a FLUX.1-dev user has, by ComfyUI model folder
+USER_FILES = {  # the files a FLUX.1-dev / FLUX.2-dev user has, by ComfyUI model folder
     "diffusion_models": ["flux1-dev.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
-    "vae": ["ae.safetensors"],
-    "ternary": ["flux1-dev-ternary.safetensors", "ternary_distilled_r64.pt"],
+    "text_encoders": [
+        "clip_l.safetensors",
+        "t5xxl_fp16.safetensors",
+        "mistral_3_small_flux2_bf16.safetensors",
+    ],
+    "vae": ["ae.safetensors", "flux2-vae.safetensors"],
+    "ternary": [
+        "flux1-dev-ternary.safetensors",
+        "flux2-dev-ternary.safetensors",
+        "ternary_distilled_r64.pt",
+    ],
 }
 
 
@@ -114,6 +122,7 @@ def test_every_workflow_has_an_api_twin():
         "quantize_and_save",
         "import_reproduction",
         "report",
+        "text_to_image_flux2_ternary",
     }
     assert sorted(p.name for p in (WORKFLOWS / "api").glob("*.json")) == [p.name for p in UI_FILES]
 
@@ -170,3 +179,20 @@ def test_validation_can_fail(registered, node_type, name, value, error):
     graph[ids[node_type]]["inputs"][name] = [ids[value], 0] if value in ids else value
     valid, _, _, node_errors = asyncio.run(execution.validate_prompt("bad", graph, None))
     assert not valid and error in json.dumps(node_errors[ids[node_type]])
+
+
+def test_flux2_workflow_uses_comfyuis_flux2_nodes(registered):
+    """FLUX.2's own text encoder loader, latent and scheduler, as ComfyUI's FLUX.2 template."""
+    graph = load(WORKFLOWS / "api" / "text_to_image_flux2_ternary.json")
+    kinds = {node["class_type"]: node["inputs"] for node in graph.values()}
+    assert kinds["CLIPLoader"]["type"] == "flux2"
+    assert kinds["TernaryFluxLoader"]["model_name"] == "flux2-dev-ternary.safetensors"
+    for name in (
+        "EmptyFlux2LatentImage",
+        "Flux2Scheduler",
+        "FluxGuidance",
+        "SamplerCustomAdvanced",
+    ):
+        assert name in kinds and name in registered
+    size = kinds["EmptyFlux2LatentImage"]
+    assert (size["width"], size["height"]) == (kinds["Flux2Scheduler"]["width"], 1024)
