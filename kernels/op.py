@@ -34,7 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .layout import unpack_2bit
-from .plan import backend, plan_input_grad, plan_linear, plan_scale_grad
+from .plan import (
+    backend,
+    dense_min_tokens,
+    plan_input_grad,
+    plan_linear,
+    plan_scale_grad,
+)
 from .reference import (
     FP8_MAX,
     input_grad_reference,
@@ -214,15 +220,13 @@ def ternary_linear(
     if torch.compiler.is_compiling():
         if act_bits == 8 and _prequantize(x.device, x.dtype):
             codes, token_scale = _fp8_codes(x)
-        m, n = x.numel() // weight.in_features, weight.out_features
+        k, n = weight.in_features, weight.out_features
+        min_tokens = _dense_min_tokens(x.device, x.dtype, act_bits)
         inference = not (
             torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)
         )
-        if (
-            inference
-            and isinstance(m, int)
-            and _dense_planned(m, n, weight.in_features, x.dtype, act_bits, x.device)
-        ):
+        sizes_fit = act_bits == 16 or (k % 16 == 0 and n % 16 == 0)  # fp8 cuBLAS
+        if inference and min_tokens >= 0 and sizes_fit and x.numel() // k >= min_tokens:
             return _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale)
     elif not (torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)):
         # Eager inference: the op's own implementation, without the dispatcher's 6-20 us per
@@ -238,8 +242,8 @@ def ternary_linear(
 
 
 @torch.compiler.assume_constant_result
-def _dense_planned(m: int, n: int, k: int, dtype: torch.dtype, act_bits: int, device) -> bool:
-    return plan_linear(m, n, k, dtype, act_bits, device).path == "dense"
+def _dense_min_tokens(device: torch.device, dtype: torch.dtype, act_bits: int) -> int:
+    return dense_min_tokens(device, dtype, act_bits)
 
 
 def _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale) -> Tensor:

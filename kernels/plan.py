@@ -103,6 +103,18 @@ def _plan_for_family(m, n, k, dtype, act_bits, device, family) -> Plan:
     return Plan("fused", family, tuple(tuning.MATMUL_TABLES[family][width][tuning.m_bucket(m)]))
 
 
+def dense_min_tokens(device: torch.device, dtype: torch.dtype, act_bits: int) -> int:
+    """Tokens from which the forward takes the ``dense`` path on this device and dtype, for
+    any layer whose sizes the fp8 GEMM takes (K and N multiples of 16); -1 for never. What
+    torch.compile asks at trace time, when the token count may be symbolic."""
+    if backend(device, dtype) == "reference" or dtype == torch.float32:
+        return -1
+    if act_bits == 8 and not (dtype == torch.bfloat16 and fp8_tensor_cores(device)):
+        return -1
+    family = family_of(device)
+    return 0 if family is None else tuning.DENSE_MIN_TOKENS[family]
+
+
 def plan_input_grad(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Plan:
     """The plan of dx = dy (T s) for dy [m, n]: the Triton dx kernel, or a dense scratch."""
     if backend(device, dtype) == "reference":

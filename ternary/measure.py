@@ -1,6 +1,6 @@
 """Measure and compare model variants: step latency, peak VRAM, weight bytes, error vs bf16.
 
-Shared by the ComfyUI *Ternary Report* node and bench/e2e.py. It takes plain callables and
+Used by the ComfyUI *Ternary Report* node and the benchmarks. It takes plain callables and
 modules, so it never imports ComfyUI; Pillow (which ComfyUI ships) is needed only by
 :func:`render_chart`. Byte counts use decimal units (1 GB = 1e9 bytes).
 """

@@ -411,3 +411,14 @@ def test_quantize_and_unpack_in_one_launch_equals_the_two_kernels(m, k, n):
     ref_q, ref_scale = triton_launch.quantize_fp8(x)
     assert torch.equal(q.float(), ref_q.float()) and torch.equal(token_scale, ref_scale)
     assert torch.equal(codes.float().cpu(), t.float())
+
+
+def test_the_compiler_s_dense_rule_agrees_with_the_plan(monkeypatch):
+    """kernels.plan.dense_min_tokens (asked at trace time) and plan_linear pick the dense path
+    for the same token counts."""
+    device = torch.device(DEVICE)
+    for dtype, act_bits in ((torch.bfloat16, 16), (torch.bfloat16, 8), (torch.float32, 16)):
+        for m in (1, 16, 64, 65, 4096):
+            path = plan.plan_linear(m, 64, 256, dtype, act_bits, device).path
+            threshold = plan.dense_min_tokens(device, dtype, act_bits)
+            assert (path == "dense") == (threshold >= 0 and m >= threshold), (dtype, act_bits, m)
