@@ -103,7 +103,7 @@ def test_comfyui_detects_the_family_and_samples_as_the_dequantized_model(
     family, config, model_class, config_class
 ):
     _, tensors, layers = make(family, config, seed=22)
-    ternary = patcher_from_state_dict(tensors)
+    ternary = patcher_from_state_dict(tensors, scale_rule="absmean")
     assert type(ternary.model) is model_class and type(ternary.model.model_config) is config_class
     assert set(ternary_modules(ternary)) == set(layers)
     positive = conditioning(family, config, seed=3)
@@ -117,7 +117,10 @@ def test_kontext_reference_latents_reach_the_ternary_model():
     """FLUX.1 Kontext has FLUX.1-dev's keys: its reference image arrives as ``ref_latents``
     (ReferenceLatent node); the ternary model must follow it as the dense one does."""
     _, tensors, layers = make(flux1.FAMILY, flux1.TINY_FLUX, seed=23)
-    ternary, dense = patcher_from_state_dict(tensors), dense_patcher(tensors, layers)
+    ternary, dense = (
+        patcher_from_state_dict(tensors, scale_rule="absmean"),
+        dense_patcher(tensors, layers),
+    )
     assert type(ternary.model.model_config) is comfy.supported_models.Flux
     plain = conditioning(flux1.FAMILY, flux1.TINY_FLUX, seed=4)
     reference = torch.randn(1, 16, 8, 6, generator=torch.Generator().manual_seed(5))
@@ -130,7 +133,10 @@ def test_kontext_reference_latents_reach_the_ternary_model():
 
 def test_flux2_reference_latents_and_lora_branches(flux2_dev):
     state, tensors, layers = flux2_dev
-    ternary, dense = patcher_from_state_dict(tensors), dense_patcher(tensors, layers)
+    ternary, dense = (
+        patcher_from_state_dict(tensors, scale_rule="absmean"),
+        dense_patcher(tensors, layers),
+    )
     plain = conditioning(flux2.FAMILY, flux2.TINY_FLUX2, seed=6)
     reference = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(8))
     (edit,) = ReferenceLatent.execute(plain, {"samples": reference}).args
@@ -187,7 +193,8 @@ def test_flux2_quantize_save_and_report_nodes(flux2_dev, tmp_path, monkeypatch):
     assert loaded.metadata["architecture"] == "flux2" and loaded.family is flux2.FAMILY
     positive = conditioning(flux2.FAMILY, flux2.TINY_FLUX2, seed=10)
     assert torch.equal(
-        ksample(patcher_from_state_dict(loaded.state_dict), positive), ksample(quantized, positive)
+        ksample(patcher_from_state_dict(loaded.state_dict, scale_rule="absmean"), positive),
+        ksample(quantized, positive),
     )
     # The Report's random conditioning has FLUX.2's shapes: 128 latent channels at 1/16, no
     # pooled vector, text width of the model, 512 tokens, guidance 4.
@@ -232,7 +239,7 @@ def test_chroma_loads_as_comfyuis_chroma_and_samples_as_the_dequantized_model():
     _, tensors, layers = make(family, config, seed=24)
     guidance_net = [k for k in tensors if k.startswith("distilled_guidance_layer")]
     assert guidance_net and not any(k.rsplit(".", 1)[0] in layers for k in guidance_net)
-    ternary = patcher_from_state_dict(tensors)
+    ternary = patcher_from_state_dict(tensors, scale_rule="absmean")
     assert type(ternary.model) is comfy.model_base.Chroma
     # Saved from ComfyUI, the guidance network's RMSNorms get their BFL names back.
     names = {bfl_key(k) for k in ternary.model.diffusion_model.state_dict()}

@@ -147,7 +147,8 @@ def test_teacher_and_distill_refuse_other_families_by_name(tmp_path, capsys):
     assert main(["teacher", str(tmp_path / "teacher.json")]) == 0
     for model in ("klein.safetensors", "klein-ternary.safetensors"):
         (tmp_path / "d.json").write_text(json.dumps({"model": model, "data": "data",
-                                                     "output": "o.safetensors"}))  # fmt: skip
+                                                     "output": "o.safetensors",
+                                                     "batch_size": 1}))  # fmt: skip
         assert main(["distill", str(tmp_path / "d.json")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
