@@ -249,8 +249,8 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: list[int]) -> None:
-    """The pack's one safetensors writer: atomic, a full disk reported, the same bytes for
-    the same tensors (safetensors' own writer orders the metadata at random)."""
+    """A shard through the pack's StreamingWriter: atomic, a full disk reported, the same
+    bytes for the same tensors (safetensors' own writer orders the metadata at random)."""
     metadata = {"samples": json.dumps(ids), DIGEST_KEY: tensor_digest(tensors)}
     entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
     with StreamingWriter(path, entries, metadata, overwrite=True) as writer:

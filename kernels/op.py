@@ -20,8 +20,9 @@ again; the op then receives the codes.
 Compiled inference graphs and the ``dense`` plan (many tokens): the product is written in traceable
 ops instead of the op, the unpack of the layer into its one-layer scratch as torch bit
 operations that Inductor turns into one kernel, then cuBLAS (``torch._scaled_mm`` for 8-bit
-activations, ``F.linear`` for 16-bit): the same arithmetic as kernels/triton_linear.py's
-dense path, but launched by Inductor's generated code instead of ~150 us of Python and
+activations, ``F.linear`` for 16-bit): kernels/triton_linear.py's dense path (except that a
+16-bit layer's LoRA runs as a low-rank branch instead of merged into the scratch), but
+launched by Inductor's generated code instead of ~150 us of Python and
 Triton launcher per layer (measured on the H200 host).
 
 The op's arguments are the flattened weight objects of kernels/weight.py; nothing else
@@ -37,17 +38,23 @@ from .layout import unpack_2bit
 from .plan import (
     backend,
     dense_min_tokens,
+    dense_sizes_fit,
     plan_input_grad,
     plan_linear,
     plan_scale_grad,
 )
 from .reference import (
-    FP8_MAX,
+    fp8_codes,
     input_grad_reference,
     linear_reference,
     scale_grad_reference,
 )
 from .weight import LoraBranch, TernaryWeight
+
+try:  # Triton is optional (CPU-only installs); plan.py never picks its paths without it
+    from . import triton_linear
+except ImportError:
+    triton_linear = None
 
 Tensor = torch.Tensor
 
@@ -83,8 +90,6 @@ def _linear_impl(
     if plan.path == "reference":
         y = linear_reference(x2d, weight, bias, lora, act_bits)
     else:
-        from . import triton_linear
-
         c = _codes(codes, token_scale, in_features)
         y = triton_linear.forward(x2d, weight, bias, lora, act_bits, plan, c)
     return y.reshape(*x.shape[:-1], packed.shape[0])
@@ -106,8 +111,6 @@ def _input_grad(dy: Tensor, packed: Tensor, scale: Tensor, in_features: int) -> 
     plan = plan_input_grad(dy.shape[0], packed.shape[0], in_features, dy.dtype, dy.device)
     if plan.path == "reference":
         return input_grad_reference(dy, weight)
-    from . import triton_linear
-
     return triton_linear.input_grad(dy.contiguous(), weight, plan).to(dy.dtype)
 
 
@@ -129,12 +132,9 @@ def _scale_grad(
 ) -> Tensor:
     """d scale [N] (float32) = sum over tokens of dy * (x T^T), x [M, K] and dy [M, N]."""
     weight = _weight(packed, scale, in_features)
-    kernel_dtype = torch.float8_e4m3fn if act_bits == 8 else x.dtype
-    plan = plan_scale_grad(x.shape[0], packed.shape[0], in_features, kernel_dtype, x.device)
+    plan = plan_scale_grad(x.shape[0], packed.shape[0], in_features, x.dtype, act_bits, x.device)
     if plan.path == "reference":
         return scale_grad_reference(x, weight, dy, act_bits).float()
-    from . import triton_linear
-
     c = _codes(codes, token_scale, in_features)
     return triton_linear.scale_grad(x, weight, dy.contiguous(), act_bits, plan, c)
 
@@ -183,11 +183,9 @@ _linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fp8_codes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token fp8 codes [..., K] and float32 scales [...] in plain torch ops (the
-    arithmetic of kernels/reference.py), for Inductor to fuse into x's producer."""
-    xf = x.float()
-    token_scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    codes = (xf * (1.0 / token_scale)).to(torch.float8_e4m3fn)
+    """Per-token fp8 codes [..., K] and float32 scales [...] (kernels.reference.fp8_codes),
+    for Inductor to fuse into x's producer."""
+    codes, token_scale = fp8_codes(x)
     return codes, token_scale.squeeze(-1)
 
 
@@ -225,8 +223,8 @@ def ternary_linear(
         inference = not (
             torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)
         )
-        sizes_fit = act_bits == 16 or (k % 16 == 0 and n % 16 == 0)  # fp8 cuBLAS
-        if inference and min_tokens >= 0 and sizes_fit and x.numel() // k >= min_tokens:
+        dense = min_tokens >= 0 and dense_sizes_fit(n, k, act_bits)
+        if inference and dense and x.numel() // k >= min_tokens:
             return _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale)
     elif not (torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)):
         # Eager inference: the op's own implementation, without the dispatcher's 6-20 us per
@@ -264,10 +262,10 @@ def _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale) -> Tens
         if lora is not None:
             y = y + lora.scale * F.linear(F.linear(x2d, lora.down.to(x.dtype)), lora.up.to(x.dtype))
     else:
-        w = t.float() * weight.scale[:, None]
-        if lora is not None:
-            w = w + lora.scale * (lora.up.float() @ lora.down.float())
-        y = F.linear(x2d, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        w = (t.float() * weight.scale[:, None]).to(x.dtype)
+        y = F.linear(x2d, w, None if bias is None else bias.to(x.dtype))
+        if lora is not None:  # a low-rank branch: no fp32 [N, K] product per layer
+            y = y + lora.scale * F.linear(F.linear(x2d, lora.down.to(x.dtype)), lora.up.to(x.dtype))
     return y.reshape(*x.shape[:-1], weight.out_features)
 
 

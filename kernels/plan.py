@@ -66,9 +66,15 @@ def family_of(device: torch.device) -> str | None:
     return tuning.gpu_family(device_capability(device))
 
 
+def dense_sizes_fit(n: int, k: int, act_bits: int) -> bool:
+    """The dense path's GEMM takes these sizes: fp8 rowwise cuBLAS needs K and N multiples of
+    16 (16-bit cuBLAS takes any)."""
+    return act_bits == 16 or (k % 16 == 0 and n % 16 == 0)
+
+
 def _dense_fp8_fits(n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
     """fp8 rowwise cuBLAS: bf16 in and out, K and N multiples of 16, fp8 tensor cores."""
-    return dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0 and fp8_tensor_cores(device)
+    return dtype == torch.bfloat16 and dense_sizes_fit(n, k, 8) and fp8_tensor_cores(device)
 
 
 def plan_linear(
@@ -105,8 +111,8 @@ def _plan_for_family(m, n, k, dtype, act_bits, device, family) -> Plan:
 
 def dense_min_tokens(device: torch.device, dtype: torch.dtype, act_bits: int) -> int:
     """Tokens from which the forward takes the ``dense`` path on this device and dtype, for
-    any layer whose sizes the fp8 GEMM takes (K and N multiples of 16); -1 for never. What
-    torch.compile asks at trace time, when the token count may be symbolic."""
+    a layer whose sizes fit (:func:`dense_sizes_fit`); -1 for never. What torch.compile asks
+    at trace time, when the token count may be symbolic (plan_linear gives the same answer)."""
     if backend(device, dtype) == "reference" or dtype == torch.float32:
         return -1
     if act_bits == 8 and not (dtype == torch.bfloat16 and fp8_tensor_cores(device)):
@@ -129,9 +135,11 @@ def plan_input_grad(m: int, n: int, k: int, dtype: torch.dtype, device: torch.de
     return Plan("fused", family, tuple(tuning.DX_TABLES[family][tuning.m_bucket(m)]))
 
 
-def plan_scale_grad(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Plan:
-    """The plan of d scale = sum over tokens of dy * (x T^T): the Triton kernel (one
-    candidate without split-K from the forward table), or the reference."""
+def plan_scale_grad(
+    m: int, n: int, k: int, dtype: torch.dtype, act_bits: int, device: torch.device
+) -> Plan:
+    """The plan of d scale = sum over tokens of dy * (x T^T) for x of ``dtype``: the Triton
+    kernel (one candidate without split-K from the forward table), or the reference."""
     if backend(device, dtype) == "reference":
         return Plan("reference", None)
     family = family_of(device)
@@ -139,7 +147,7 @@ def plan_scale_grad(m: int, n: int, k: int, dtype: torch.dtype, device: torch.de
         return Plan("reference", None)
     if family == "interpreter":
         return Plan("fused", family, (tuning.INTERPRETER_MATMUL,))
-    width = "a8" if dtype == torch.float8_e4m3fn else "a16"
+    width = "a8" if act_bits == 8 and fp8_tensor_cores(device) else "a16"
     table = tuning.MATMUL_TABLES[family][width][tuning.m_bucket(m)]
     config = next((c for c in table if c.split_k == 1), tuning.INTERPRETER_MATMUL)
     return Plan("fused", family, (config,))

@@ -17,17 +17,22 @@ from .weight import LoraBranch, TernaryWeight
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric fp8 e4m3 quantization: (codes as float32, scale [..., 1] float32).
+def fp8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric fp8 e4m3 quantization: (float8_e4m3fn codes, scale [..., 1] float32).
 
-    ``x ~ codes * scale``; the codes are exactly representable in float8_e4m3fn. The codes
-    are x times the reciprocal of the scale (one division per token, as the Triton kernel).
-    Written in plain torch ops, so that torch.compile fuses it into the op that produced x.
+    ``x ~ codes * scale``. The codes are x times the reciprocal of the scale (one division
+    per token, as the Triton kernel). Plain torch ops: under torch.compile (kernels/op.py)
+    Inductor fuses them into the op that produced x.
     """
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    codes = (xf * (1.0 / scale)).to(torch.float8_e4m3fn).float()
-    return codes, scale
+    return (xf * (1.0 / scale)).to(torch.float8_e4m3fn), scale
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_codes` with the codes as float32 (exactly the fp8 values)."""
+    codes, scale = fp8_codes(x)
+    return codes.float(), scale
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -67,7 +72,7 @@ def input_grad_reference(dy: torch.Tensor, weight: TernaryWeight) -> torch.Tenso
     """dx = dy (T * s) in dy's dtype."""
     compute = compute_dtype(dy)
     t = unpack_2bit(weight.packed, weight.in_features, dtype=compute)
-    return (dy.to(compute) * weight.scale.to(compute)) @ t
+    return ((dy.to(compute) * weight.scale.to(compute)) @ t).to(dy.dtype)
 
 
 def scale_grad_reference(

@@ -11,8 +11,6 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import check_packed
-
 
 class TernaryWeight(NamedTuple):
     """A ternary matrix T [N, K] in the 2bit layout (kernels/layout.py) with per-row scales.
@@ -28,12 +26,6 @@ class TernaryWeight(NamedTuple):
     def out_features(self) -> int:
         return self.packed.shape[0]
 
-    def check(self) -> None:
-        """Raise a readable error when the tensors do not fit together."""
-        n = check_packed(self.packed, self.in_features)
-        if tuple(self.scale.shape) != (n,):
-            raise ValueError(f"scale has shape {tuple(self.scale.shape)}, expected ({n},)")
-
 
 class LoraBranch(NamedTuple):
     """A low-rank branch ``scale * (x down^T) up^T`` beside the ternary product."""
@@ -41,7 +33,3 @@ class LoraBranch(NamedTuple):
     down: torch.Tensor  # [r, K]
     up: torch.Tensor  # [N, r]
     scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]

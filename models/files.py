@@ -128,6 +128,7 @@ def load_ternary_model(
         device,
         on_tensor,
         check_layout=lambda layout: found.append(file_family(path.name, layout)),
+        convert_device=convert_device,
     )
     family, config = found[0]
     return TernaryModel(loaded.state_dict, loaded.layout, loaded.metadata, family, config)

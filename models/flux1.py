@@ -67,7 +67,7 @@ class FluxConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+        return round(self.hidden_size * self.mlp_ratio)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -83,7 +83,7 @@ class Flux2Config:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+        return round(self.hidden_size * self.mlp_ratio)
 
     def as_dict(self) -> dict:
         return asdict(self)

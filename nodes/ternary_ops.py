@@ -55,8 +55,8 @@ class ComfyTernaryLinear(TernaryLinear):
 
         def here(t: torch.Tensor | None) -> torch.Tensor | None:
             # ComfyUI leaves a layer on the offload device under --lowvram / --novram:
-            # then its few packed bytes travel per call (a no-op when already resident).
-            return None if t is None else t.to(device, non_blocking=True)
+            # then its few packed bytes travel per call.
+            return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
         down, up, scale = self.lora_down, self.lora_up, self.lora_scale
         if self.patch_down is not None:

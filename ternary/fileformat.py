@@ -369,8 +369,6 @@ class MmapReader:
         start = begin - begin % page
         if hasattr(mmap, "MADV_DONTNEED") and end > start:
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
-        if not data:
-            return torch.empty(shape, dtype=dtype_from_name(dtype_name))
         return torch.frombuffer(data, dtype=dtype_from_name(dtype_name)).reshape(shape)
 
     def close(self) -> None:
@@ -470,7 +468,9 @@ def _check_layer(name, layer, n, k, packing, infos) -> None:
     has_down, has_up = f"{layer}.lora_down" in infos, f"{layer}.lora_up" in infos
     if has_down != has_up:
         raise TernaryFormatError(f"{name}: layer {layer} has only half of its LoRA")
-    rank = infos[f"{layer}.lora_down"][1][0] if has_down and infos[f"{layer}.lora_down"][1] else 0
+    if has_down and len(infos[f"{layer}.lora_down"][1]) != 2:
+        raise TernaryFormatError(f"{name}: {layer}.lora_down is not a matrix")
+    rank = infos[f"{layer}.lora_down"][1][0] if has_down else 0
     for suffix, (dtype, shape) in layer_entries(n, k, packing, rank).items():
         allowed = FLOAT_NAMES if suffix in ("lora_down", "lora_up") else (_DTYPES[dtype],)
         need(suffix, allowed, shape)
