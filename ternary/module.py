@@ -43,6 +43,7 @@ class TernaryLinear(nn.Module):
         self.out_features = out_features
         self.act_bits = 16
         self.scale_rule: str | None = None  # the rule that made the scales, when known
+        self.calibration: str | None = None  # the file header's calibration entry, if any
         shape = (out_features, packed_width(in_features))
         self.register_buffer(
             "weight", torch.full(shape, PAD_BYTE, dtype=torch.uint8, device=device)
@@ -102,12 +103,26 @@ class TernaryLinear(nn.Module):
             sixteen = (torch.float16, torch.bfloat16, torch.float32)
             dtype = weight.dtype if weight.dtype in sixteen else torch.bfloat16
         n, k = weight.shape
-        module = cls(
-            k, n, bias=bias is not None, lora_rank=lora_rank, dtype=dtype, device=weight.device
-        )
         parts, _ = quantize_layer(weight, lora_rank, scale_rule, "2bit", lora_dtype=dtype)
+        return cls.from_parts(parts, n, k, bias, dtype, scale_rule)
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: dict[str, torch.Tensor],
+        out_features: int,
+        in_features: int,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        scale_rule: str | None,
+    ) -> TernaryLinear:
+        """A layer holding what :func:`quantize_layer` made (2bit packing), on its device."""
+        down = parts.get("lora_down")
+        rank = 0 if down is None else down.shape[0]
+        device = parts["weight"].device
+        module = cls(in_features, out_features, bias is not None, rank, dtype, device)
         if bias is not None:
-            parts["bias"] = bias
+            parts = {**parts, "bias": bias}
         module.load_state_dict(parts)
         module.scale_rule = scale_rule
         return module

@@ -6,10 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .calibrate import (
+    CALIBRATED,
+    CalibrationOptions,
+    gptq_ternarize,
+    output_error,
+    weighted_lora,
+)
 from .fileformat import LORA_DTYPE
 from .packing import pack
 
 SCALE_RULES = ("absmean", "lsq")
+HEADER_SCALE_RULES = (*SCALE_RULES, CALIBRATED)  # what a file's header may say
 _EPS = 1e-8
 
 
@@ -78,12 +86,19 @@ def residual_factors(
 
 @dataclass
 class LayerError:
-    """Relative Frobenius error of one layer: ||W - sT|| / ||W|| (and with the LoRA)."""
+    """Relative Frobenius error of one layer: ||W - sT|| / ||W|| (and with the LoRA).
+
+    Calibrated layers also carry the relative output error on their calibration inputs,
+    ||X (W - What)^T|| / ||X W^T||: ``output`` of the calibrated layer, ``output_plain`` of
+    what the plain rule (round to nearest, SVD LoRA of the same rank) gives on the same X.
+    """
 
     name: str
     shape: tuple[int, int]
     ternary: float
     with_lora: float | None = None
+    output: float | None = None
+    output_plain: float | None = None
 
 
 def quantize_layer(
@@ -92,20 +107,56 @@ def quantize_layer(
     scale_rule: str = "absmean",
     packing: str = "2bit",
     lora_dtype: torch.dtype = LORA_DTYPE,
+    hessian: torch.Tensor | None = None,
+    options: CalibrationOptions | None = None,
 ) -> tuple[dict[str, torch.Tensor], LayerError]:
     """The one per-layer quantizer: a dense [N, K] weight -> ({suffix: tensor}, error), the
-    suffixes and dtypes of ternary/fileformat.py's layer schema."""
+    suffixes and dtypes of ternary/fileformat.py's layer schema.
+
+    Without ``hessian``: T and s by ``scale_rule``, the LoRA a truncated SVD of the residual.
+    With the calibration Hessian ``X^T X`` [K, K] of the layer's inputs (ternary/calibrate.py):
+    GPTQ-style codes with searched and refit scales, and an activation-weighted LoRA, both
+    chosen for the output error on X; ``scale_rule`` is then only the plain rule the error
+    report compares with.
+    """
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"weight of shape {tuple(weight.shape)} holds NaN or infinite values")
-    t, scale = ternarize(weight, scale_rule)
     w = weight.float()
     norm = w.norm().clamp(min=1e-30)
+    if hessian is None:
+        t, scale = ternarize(weight, scale_rule)
+    else:
+        t, scale = gptq_ternarize(w, hessian, options)
     residual = w - dequantize(t, scale)
     error = LayerError("", tuple(weight.shape), float(residual.norm() / norm))
     out = {"weight": pack(t, packing), "weight_scale": scale}
+    approx = w - residual
     if lora_rank:
-        down, up = residual_factors(residual, lora_rank)
+        if hessian is None:
+            down, up = residual_factors(residual, lora_rank)
+        else:
+            damp = (options or CalibrationOptions()).lora_damp
+            down, up = weighted_lora(residual, hessian, lora_rank, damp)
         down, up = down.to(lora_dtype), up.to(lora_dtype)
-        error.with_lora = float((residual - up.float() @ down.float()).norm() / norm)
+        branch = up.float() @ down.float()
+        error.with_lora = float((residual - branch).norm() / norm)
+        approx = approx + branch
         out.update(lora_down=down, lora_up=up, lora_alpha=torch.tensor(float(lora_rank)))
+    if hessian is not None:
+        error.output = output_error(w, approx, hessian)
+        error.output_plain = output_error(
+            w, _plain_approx(w, lora_rank, scale_rule, lora_dtype), hessian
+        )
     return out, error
+
+
+def _plain_approx(
+    w: torch.Tensor, lora_rank: int, scale_rule: str, lora_dtype: torch.dtype
+) -> torch.Tensor:
+    """s T (+ up down) of the plain rule: what the layer would be without calibration."""
+    t, scale = ternarize(w, scale_rule)
+    approx = dequantize(t, scale)
+    if lora_rank:
+        down, up = residual_factors(w - approx, lora_rank)
+        approx = approx + up.to(lora_dtype).float() @ down.to(lora_dtype).float()
+    return approx
