@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..distill.calibration import config_calibration
 from ..distill.config import DistillConfig, DistillConfigError, load_config, read_settings_file
 from ..distill.distributed import DistEnv, init_distributed, shutdown
 from ..distill.student import distillable, load_student, student_from_tensors
@@ -102,25 +103,31 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_student(config: DistillConfig, env: DistEnv) -> torch.nn.Module:
-    """The student of a config (the dense weights it came from are freed on return)."""
+def build_student(
+    config: DistillConfig, env: DistEnv, dataset: TeacherDataset | None = None
+) -> torch.nn.Module:
+    """The student of a config (the dense weights it came from are freed on return);
+    ``init = "calibrated"`` calibrates it on the config's teacher data set."""
     dtype = compute_dtype(config.dtype, env.device)
+    calibration = config_calibration(config, dataset)
+    if calibration is not None and env.is_main:
+        print(f"calibrating the student on {len(calibration.examples)} examples of {config.data}")
     if not config.model.startswith("random:"):
         return load_student(
             config.model, config.lora_rank, config.scale_rule, dtype, env.device,
-            config.gradient_checkpointing,
+            config.gradient_checkpointing, calibration,
         )  # fmt: skip
     shapes, get = dense_tensors(config.model, env.device)
     return student_from_tensors(
         shapes, get, config.lora_rank, config.scale_rule, dtype, env.device,
-        config.gradient_checkpointing,
+        config.gradient_checkpointing, calibration,
     )  # fmt: skip
 
 
 def run_distill(config: DistillConfig, env: DistEnv) -> None:
     dataset = TeacherDataset(config.data)
     check_run(config, dataset, env.world_size, check_lock=env.is_main)  # before the student
-    student = build_student(config, env)
+    student = build_student(config, env, dataset)
     distill(student, dataset, config, env, log=print if env.is_main else (lambda _: None))
 
 

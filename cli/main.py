@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.flux1_calibrate import INPUTS
 from ..ternary.packing import PACKINGS
 from ..ternary.quantize import SCALE_RULES
 from .distill import add_distill_commands
@@ -95,16 +96,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..models.registry import random_spec
 
     device = _device(args.device)
+    if args.src is not None and args.random is not None:
+        raise ValueError("give a SRC file or --random, not both")
+    calibration = None
+    if args.calibrate is not None:
+        calibration = _calibration(args)
+    elif args.calibration_samples is not None or args.calibration_inputs is not None:
+        raise ValueError("--calibration-samples and --calibration-inputs need --calibrate DATA")
     options = dict(
         lora_rank=args.lora_rank,
-        scale_rule=args.scale_rule,
+        scale_rule=args.scale_rule or "absmean",
         packing=args.packing,
         device=device,
         overwrite=args.force,
-        progress=ProgressPrinter("quantizing"),
+        progress=None if calibration else ProgressPrinter("quantizing"),  # (calibrating: per layer)
+        calibration=calibration,
     )
-    if args.src is not None and args.random is not None:
-        raise ValueError("give a SRC file or --random, not both")
     if args.src is None:
         spec = args.random or f"flux:tiny:{TINY_SEED}"
         family, preset, config, seed = random_spec(spec)
@@ -123,6 +130,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(report.format())
     print(f"wrote {out}")
     return 0
+
+
+def _calibration(args: argparse.Namespace):
+    """The calibration of ``--calibrate DATA`` (checked before anything is read or written)."""
+    from ..distill.calibration import DEFAULT_SAMPLES, teacher_calibration
+    from ..models.family import ModelFamilyError
+    from ..models.files import calibration_refusal, family_of_file
+    from ..models.flux1 import FAMILY as FLUX1
+
+    if args.src is None:
+        raise ValueError(
+            "--calibrate needs a SRC file (calibration reads the model's blocks in the model's "
+            "order, which --random and the embedded tiny model cannot give)"
+        )
+    if args.scale_rule is not None:
+        raise ValueError(
+            "--scale-rule has no effect with --calibrate: calibration searches and refits "
+            "every row's scale for its output"
+        )
+    source_family = family_of_file(args.src)  # refused first: it needs no data set
+    if source_family is not FLUX1:
+        raise ModelFamilyError(calibration_refusal(source_family.title))
+    samples = DEFAULT_SAMPLES if args.calibration_samples is None else args.calibration_samples
+    return teacher_calibration(
+        args.calibrate,
+        samples,
+        inputs=args.calibration_inputs or "quantized",
+        progress=ProgressPrinter("calibrating"),
+    )
 
 
 def cmd_import_reproduction(args: argparse.Namespace) -> int:
@@ -207,7 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-rank", type=int, default=0, help="add a LoRA branch fitted to the residual"
     )
     q.add_argument(
-        "--scale-rule", choices=SCALE_RULES, default="absmean", help="per-row scale rule"
+        "--scale-rule", choices=SCALE_RULES, default=None, help="per-row scale rule (absmean)"
+    )
+    q.add_argument(
+        "--calibrate",
+        metavar="DATA",
+        help="FLUX.1: choose codes, scales and LoRA for each layer's output on a teacher data "
+        "set's latents and conditioning (a folder made by Build Teacher Dataset or the "
+        "teacher command)",
+    )
+    q.add_argument(
+        "--calibration-samples",
+        type=int,
+        metavar="N",
+        help="examples of the data set to calibrate on (default 256)",
+    )
+    q.add_argument(
+        "--calibration-inputs",
+        choices=INPUTS,
+        help="quantized (default): each block sees what the quantized blocks before it give; "
+        "dense: the bf16 model's own activations",
     )
     q.add_argument(
         "--packing",

@@ -12,6 +12,10 @@ from pathlib import Path
 from ..ternary.quantize import SCALE_RULES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# How the student starts: "svd" = the scale rule's ternary codes and a truncated SVD of the
+# residual as LoRA; "calibrated" = codes, scales and LoRA chosen for each layer's output on
+# examples of the training data set (ternary/calibrate.py, models/flux1_calibrate.py).
+INITS = ("svd", "calibrated")
 MAX_LR = 1.0  # AdamW moves each weight by about lr per step: above 1 nothing can converge
 # Settings that change the result: a resumed run must use the same values.
 RESULT_KEYS = (
@@ -32,6 +36,8 @@ class DistillConfig:
     work_dir: str = ""  # checkpoints + log.jsonl + status.json; default: <output>.work
     lora_rank: int = 64
     scale_rule: str = "absmean"
+    init: str = "svd"
+    calibration_samples: int = 256  # examples of the data set that init = "calibrated" uses
     steps: int = 1000
     batch_size: int = 4  # examples per optimizer step, all processes together
     micro_batch: int = 1  # examples per forward pass (gradient accumulation for the rest)
@@ -56,7 +62,10 @@ class DistillConfig:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise DistillConfigError(f"{name} must name a path")
-        for name in ("lora_rank", "steps", "batch_size", "micro_batch", "checkpoint_every"):
+        for name in (
+            "lora_rank", "steps", "batch_size", "micro_batch", "checkpoint_every",
+            "calibration_samples",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise DistillConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for f in fields(self):
@@ -77,6 +86,8 @@ class DistillConfig:
             raise DistillConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.scale_rule not in SCALE_RULES:
             raise DistillConfigError(f"scale_rule must be one of {SCALE_RULES}")
+        if self.init not in INITS:
+            raise DistillConfigError(f"init must be one of {INITS}, got {self.init!r}")
         if self.dtype not in DTYPES:
             raise DistillConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.batch_size % self.micro_batch:
@@ -90,7 +101,10 @@ class DistillConfig:
         return Path(self.work_dir or f"{self.output}.work")
 
     def result_settings(self) -> dict:
-        return {k: getattr(self, k) for k in RESULT_KEYS}
+        settings = {k: getattr(self, k) for k in RESULT_KEYS}
+        if self.init != "svd":  # (the fingerprint of runs from before init existed is kept)
+            settings.update(init=self.init, calibration_samples=self.calibration_samples)
+        return settings
 
     def as_dict(self) -> dict:
         return asdict(self)

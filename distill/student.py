@@ -17,8 +17,10 @@ from ..models import flux1
 from ..models.family import ModelFamilyError
 from ..models.files import dense_tensors, load_ternary_model
 from ..models.flux1 import FluxConfig, is_block_linear
+from ..models.flux1_calibrate import Calibration, FluxCalibrator
 from ..models.flux1_torch import FluxTransformer, ternary_flux_from_state_dict
 from ..models.registry import detect_family, family_named
+from ..ternary.calibrate import CALIBRATED
 from ..ternary.fileformat import FORMAT_NAME, MmapReader
 from ..ternary.module import TernaryLinear
 
@@ -59,20 +61,33 @@ def student_from_tensors(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     gradient_checkpointing: bool = True,
+    calibration: Calibration | None = None,
 ) -> FluxTransformer:
     """Quantize a dense FLUX model layer by layer (only one dense block linear on the device).
 
     ``shapes`` / ``get`` give the BFL-named tensors (``get`` may read lazily from a file).
-    LoRA factors start from a rank-r SVD of each layer's quantization residual.
+    LoRA factors start from a rank-r SVD of each layer's quantization residual; with
+    ``calibration`` (``init = "calibrated"``) codes, scales and LoRA are those of the
+    calibrated quantizer on its examples, made block by block as the student is built.
     """
     config = distillable(shapes)
+    calibrator = None
+    if calibration is not None:
+        calibrator = FluxCalibrator(
+            shapes, get, calibration, lora_rank=lora_rank, scale_rule=scale_rule,
+            packing="2bit", lora_dtype=dtype, device=device,
+        )  # fmt: skip
 
     def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
         if not is_block_linear(name):
             return nn.Linear(k, n, bias=bias, dtype=dtype, device=device)
-        weight = get(f"{name}.weight").to(device)
         b = get(f"{name}.bias").to(device) if bias else None
-        return TernaryLinear.from_dense(weight, b, lora_rank, scale_rule, dtype=dtype)
+        if calibrator is None:
+            weight = get(f"{name}.weight").to(device)
+            return TernaryLinear.from_dense(weight, b, lora_rank, scale_rule, dtype=dtype)
+        parts, _ = calibrator.layer(name)
+        parts = {key: value.to(device) for key, value in parts.items()}
+        return TernaryLinear.from_parts(parts, n, k, b, dtype, CALIBRATED)
 
     model = FluxTransformer(config, make, dtype, device, gradient_checkpointing)
     rest = {
@@ -95,9 +110,11 @@ def load_student(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     gradient_checkpointing: bool = True,
+    calibration: Calibration | None = None,
 ) -> FluxTransformer:
-    """Student from a dense FLUX safetensors file (quantized here) or a ternary-flux v1 file
-    (used as it is; its LoRA rank must equal ``lora_rank``)."""
+    """Student from a dense FLUX safetensors file (quantized here, calibrated with
+    ``calibration``) or a ternary-flux v1 file (used as it is; its LoRA rank must equal
+    ``lora_rank``)."""
     with MmapReader(path) as reader:
         refuse_other_families(reader)  # from the header, before reading the weights
         if reader.metadata.get("format") != FORMAT_NAME:
@@ -110,7 +127,13 @@ def load_student(
                 dtype,
                 device,
                 gradient_checkpointing,
+                calibration,
             )
+    if calibration is not None:
+        raise ValueError(
+            f'{path} is already ternary: init = "calibrated" quantizes a dense model; '
+            'give the bf16 model, or use init = "svd" to train this file as it is'
+        )
     ckpt = load_ternary_model(path, device)
     if ckpt.family is not flux1.FAMILY:
         raise ModelFamilyError(refusal(ckpt.family.title))

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..models.flux1 import FAMILY as FLUX
 from ..ternary.atomic import atomic_path, check_target
+from ..ternary.calibrate import CALIBRATED
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.integrity import DamagedFileError, check_zip
 from ..ternary.module import export_tensors
@@ -118,6 +119,11 @@ def check_run(
             f"batch_size {config.batch_size} is larger than the teacher data set "
             f"({len(dataset)} examples: prompts x points_per_prompt); lower it or build more "
             "teacher data"
+        )
+    if config.init == "calibrated" and config.calibration_samples > len(dataset):
+        raise ValueError(
+            f"calibration_samples {config.calibration_samples} is larger than the teacher data "
+            f"set ({len(dataset)} examples); lower it or build more teacher data"
         )
     output = Path(config.output)
     check_target(output, overwrite=True)  # a name too long, a folder, a folder not writable
@@ -331,9 +337,13 @@ def _train(student, dataset, config, env, on_step, should_stop, log, progress) -
             layers,
             packing="2bit",
             lora_rank=config.lora_rank,
-            scale_rule=config.scale_rule,
+            scale_rule=CALIBRATED if config.init == "calibrated" else config.scale_rule,
             architecture=FLUX.name,
-            metadata={"distilled_steps": str(step), "teacher_data": dataset.fingerprint},
+            metadata={
+                "distilled_steps": str(step),
+                "teacher_data": dataset.fingerprint,
+                "init": config.init,
+            },
             overwrite=config.overwrite,
         )
         progress.record("finished", event="finished", step=step, output=str(output))

@@ -11,6 +11,15 @@ from typing import Any
 import torch
 
 Shapes = Mapping[str, tuple[int, ...]]
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def strip_prefix(key: str) -> str:
+    """Drop the ``model.diffusion_model.`` / ``diffusion_model.`` prefix of full checkpoints."""
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
 
 
 class ModelFamilyError(ValueError):

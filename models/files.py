@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..ternary.atomic import check_target
+from ..ternary.calibrate import CALIBRATED
 from ..ternary.convert import (
     LayerPlan,
     Progress,
@@ -37,19 +38,12 @@ from ..ternary.fileformat import (
     read_ternary_file,
 )
 from ..ternary.quantize import quantize_layer
-from .family import Family, ModelFamilyError
+from . import flux1
+from .family import PREFIXES, Family, ModelFamilyError, strip_prefix
+from .flux1_calibrate import Calibration, FluxCalibrator
 from .registry import detect_family, family_named
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 Shapes = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
-def strip_prefix(key: str) -> str:
-    """Drop the ``model.diffusion_model.`` / ``diffusion_model.`` prefix of full checkpoints."""
-    for prefix in PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
 
 
 def diffusion_model_keys(keys: list[str]) -> list[str]:
@@ -145,13 +139,19 @@ def ternary_layers(family: Family, shapes: Shapes, lora_rank: int) -> dict[str, 
 
 
 class _Quantizer:
-    """make_layer for the conversion loop: the one per-layer quantizer, errors reported."""
+    """make_layer for the conversion loop: the one per-layer quantizer, errors reported; with
+    a calibrator, the layers it quantized with their calibration Hessians."""
 
-    def __init__(self, report, lora_rank, scale_rule, packing, device) -> None:
+    def __init__(self, report, lora_rank, scale_rule, packing, device, calibrator=None) -> None:
         self.report, self.lora_rank, self.scale_rule = report, lora_rank, scale_rule
         self.packing, self.device = packing, device
+        self.calibrator: FluxCalibrator | None = calibrator
 
     def __call__(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.calibrator is not None:
+            parts, error = self.calibrator.layer(module)
+            self.report.layers.append(error)
+            return parts
         try:
             parts, error = quantize_layer(
                 weight.to(self.device), self.lora_rank, self.scale_rule, self.packing
@@ -162,6 +162,54 @@ class _Quantizer:
         self.report.layers.append(error)
         return parts
 
+    def finish(self) -> None:
+        """Calibration time and device memory into the report."""
+        if self.calibrator is not None:
+            self.report.calibration_seconds = self.calibrator.seconds
+            peak = self.calibrator.peak_memory()
+            if peak is not None:
+                self.report.calibration_peak_bytes, self.report.calibration_reserved_bytes = peak
+
+
+def calibrator_for(
+    family: Family,
+    shapes: Shapes,
+    get: Callable[[str], torch.Tensor],
+    calibration: Calibration | None,
+    lora_rank: int,
+    scale_rule: str,
+    packing: str,
+    device: torch.device | str,
+) -> FluxCalibrator | None:
+    """The calibrator of a source (FLUX.1 only; others refused by name), or None. Checks the
+    examples against the model before anything is written."""
+    if calibration is None:
+        return None
+    if family is not flux1.FAMILY:
+        raise ModelFamilyError(calibration_refusal(family.title))
+    return FluxCalibrator(
+        logical(shapes), get, calibration, lora_rank=lora_rank, scale_rule=scale_rule,
+        packing=packing, device=device,
+    )  # fmt: skip
+
+
+def family_of_file(src: str | os.PathLike) -> Family:
+    """The family of a dense model file, from its header (refusals as :func:`quantize_file`)."""
+    with MmapReader(src) as reader:
+        shapes, _ = dense_tensors(reader)
+    return detect_family(logical(shapes))[0]
+
+
+def calibration_refusal(title: str) -> str:
+    return f"calibration supports FLUX.1 only; {title} is not supported (quantize it without)"
+
+
+def header_rule(scale_rule: str, calibration: Calibration | None) -> tuple[str, dict[str, str]]:
+    """(the header's scale_rule, extra header entries) of a quantization."""
+    if calibration is None:
+        return scale_rule, {}
+    return CALIBRATED, {"calibration": calibration.metadata()}
+
 
 def quantize_state_dict(
     state_dict: Mapping[str, torch.Tensor],
@@ -171,13 +219,16 @@ def quantize_state_dict(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     stored_packing: str | None = None,
+    calibration: Calibration | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]], QuantizeReport]:
     """Quantize an in-memory state dict of a known family: (v1 tensors, layers, report).
 
     The report counts stored bytes, as :func:`quantize_file` does: before, the source
     tensors in their dtypes; after, the size of the v1 file of the result in
-    ``stored_packing`` (default: ``packing``), not the tensors in memory.
-    Raises ModelFamilyError when the weights are not a model of a known family.
+    ``stored_packing`` (default: ``packing``), not the tensors in memory. ``calibration``
+    (FLUX.1 only): quantize every block linear for its output on these examples
+    (models/flux1_calibrate.py). Raises ModelFamilyError when the weights are not a model of
+    a known family.
     """
     start = time.perf_counter()
     state = {strip_prefix(k): v for k, v in state_dict.items()}
@@ -186,11 +237,16 @@ def quantize_state_dict(
     layers = ternary_layers(family, shapes, lora_rank)
     report = QuantizeReport(family.describe(config))
     report.count_source(shapes, layers)
-    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device)
+    calibrator = calibrator_for(
+        family, shapes, state.__getitem__, calibration, lora_rank, scale_rule, packing, device
+    )
+    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device, calibrator)
     out = dict(convert(list(state), state.__getitem__, layers, quantizer, progress=progress))
+    quantizer.finish()
     stored = stored_packing or packing
+    rule, extra = header_rule(scale_rule, calibration)
     metadata = build_metadata(
-        {m: (p.n, p.k) for m, p in layers.items()}, stored, lora_rank, scale_rule, family.name
+        {m: (p.n, p.k) for m, p in layers.items()}, stored, lora_rank, rule, family.name, extra
     )
     report.bytes_after = file_size(plan_entries(shapes, layers, stored), metadata)
     report.seconds = time.perf_counter() - start
@@ -206,6 +262,7 @@ def quantize_file(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> QuantizeReport:
     """Stream a dense safetensors file of a known family into a v1 ternary file."""
     src, dst = Path(src), Path(dst)
@@ -216,7 +273,7 @@ def quantize_file(
         shapes, get = dense_tensors(reader)
         return quantize_tensors(
             shapes, get, dst, lora_rank, scale_rule, packing, device, overwrite, progress,
-            source=src.name,
+            source=src.name, calibration=calibration,
         )  # fmt: skip
 
 
@@ -231,11 +288,16 @@ def quantize_tensors(
     overwrite: bool = False,
     progress: Progress | None = None,
     source: str | None = None,
+    calibration: Calibration | None = None,
 ) -> QuantizeReport:
     """Quantize a dense model given tensor by tensor into a v1 file, streaming: ``shapes``
     ({BFL key: (dtype, shape)}, in file order) and ``get(key)``, asked for each key once in
     that order (it may read a file, or make the tensor: a model larger than memory is made
-    and quantized layer by layer). Peak memory is about one layer."""
+    and quantized layer by layer). Peak memory is about one layer.
+
+    With ``calibration`` (FLUX.1 only) ``get`` must answer any key at any time (a file or a
+    state dict): the calibrator reads the blocks in the model's order, whatever the file's;
+    the examples are checked against the model before the output is opened."""
     start = time.perf_counter()
     dst = Path(dst)
     if lora_rank < 0:
@@ -246,18 +308,25 @@ def quantize_tensors(
     layers = ternary_layers(family, shapes, lora_rank)
     report = QuantizeReport(family.describe(config))
     report.count_source(shapes, layers)
+    rule, extra = header_rule(scale_rule, calibration)
+    if source is not None:
+        extra["source"] = source
     meta = build_metadata(
         {m: (p.n, p.k) for m, p in layers.items()},
         packing,
         lora_rank,
-        scale_rule,
+        rule,
         architecture=family.name,
-        extra=None if source is None else {"source": source},
+        extra=extra or None,
     )
-    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device)
+    calibrator = calibrator_for(
+        family, shapes, get, calibration, lora_rank, scale_rule, packing, device
+    )
+    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device, calibrator)
     loop = convert(list(shapes), get, layers, quantizer, progress=progress)
     entries = plan_entries(shapes, layers, packing)
     write_converted(dst, entries, meta, loop, overwrite=overwrite)
+    quantizer.finish()
     report.bytes_after = dst.stat().st_size
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

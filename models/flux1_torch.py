@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ternary.module import TernaryLinear
+from .family import strip_prefix
 from .flux1 import FluxConfig, detect_config, is_block_linear
 
 PATCH = 2
@@ -253,15 +254,16 @@ class FluxTransformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(
+    def embed(
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
         context: torch.Tensor,
         y: torch.Tensor,
         guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Velocity for latents x [B, C, H, W] (H, W even) at t in [0, 1] ([B])."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the first block sees: image tokens, text tokens, the conditioning vector and
+        the RoPE angles (img [B, h*w/4, hidden], txt [B, L, hidden], vec [B, hidden])."""
         b, _, height, width = x.shape
         if height % PATCH or width % PATCH:
             raise ValueError(f"latent height and width must be even, got {height}x{width}")
@@ -272,8 +274,19 @@ class FluxTransformer(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
         vec = vec + self.vector_in(y.to(dtype))
         txt = self.txt_in(context.to(dtype))
-        rope = rope_angles(position_ids(b, context.shape[1], height, width, x.device))
-        rope = rope.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        return img, txt, vec, rope_for(b, context.shape[1], height, width, dtype, x.device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for latents x [B, C, H, W] (H, W even) at t in [0, 1] ([B])."""
+        height, width = x.shape[-2:]
+        img, txt, vec, rope = self.embed(x, timesteps, context, y, guidance)
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, vec, rope)
         joint = torch.cat((txt, img), dim=1)
@@ -298,6 +311,15 @@ def unpatchify(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
+def rope_for(
+    batch: int, txt_len: int, height: int, width: int, dtype: torch.dtype, device=None
+) -> torch.Tensor:
+    """RoPE angles of a latent height x width after txt_len text tokens, in the precision the
+    blocks use (float64 for a float64 model, else float32)."""
+    rope = rope_angles(position_ids(batch, txt_len, height, width, device))
+    return rope.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def position_ids(batch: int, txt_len: int, height: int, width: int, device=None) -> torch.Tensor:
     """RoPE ids [B, txt_len + h*w, 3]: zeros for text, (0, row, column) for image patches."""
     h, w = height // PATCH, width // PATCH
@@ -315,8 +337,6 @@ def flux_from_state_dict(
     gradient_checkpointing: bool = False,
 ) -> FluxTransformer:
     """A dense FLUX model holding these BFL-named weights (prefixes allowed)."""
-    from .files import strip_prefix
-
     state_dict = {strip_prefix(k): v for k, v in state_dict.items()}
     config = detect_config({k: tuple(v.shape) for k, v in state_dict.items()})
     dtype = dtype or state_dict["img_in.weight"].dtype
