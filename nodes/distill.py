@@ -18,7 +18,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..distill.config import DistillConfig
+from ..distill.calibration import DEFAULT_SAMPLES, config_calibration
+from ..distill.config import INITS, DistillConfig
 from ..distill.progress import read_progress
 from ..distill.prompts import generate_prompts, read_prompt_file
 from ..distill.student import distillable, refuse_other_families, student_from_tensors
@@ -156,6 +157,24 @@ def _number_inputs() -> list:
             control_after_generate=False,  # queueing again must resume the same run
             tooltip="Data order seed. Resuming needs the same seed; another seed needs another "
             "name.",
+        ),
+        io.Combo.Input(
+            "init",
+            options=list(INITS),
+            default="svd",
+            optional=True,
+            tooltip="How the student starts. svd: the scale rule's ternary values and a "
+            "truncated SVD of the residual as LoRA. calibrated: values, scales and LoRA chosen "
+            "for each layer's output on examples of the teacher data set (as Quantize Model "
+            "to Ternary with teacher_data): a far better start, the same training after it.",
+        ),
+        io.Int.Input(
+            "calibration_samples",
+            default=DEFAULT_SAMPLES,
+            min=1,
+            max=100_000,
+            optional=True,
+            tooltip="Examples of the teacher data set the calibrated start uses.",
         ),
     ]
 
@@ -377,6 +396,7 @@ class DistillTernary(io.ComfyNode):
                 dtype,
                 device,
                 gradient_checkpointing,
+                config_calibration(config, data),
             )
             del state
             comfy.model_management.unload_all_models()

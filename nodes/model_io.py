@@ -46,12 +46,17 @@ def refuse_patches(patcher, advice: str) -> None:
 
 
 def patcher_from_state_dict(
-    tensors: dict[str, torch.Tensor], act_bits: int = 16, *, scale_rule: str | None
+    tensors: dict[str, torch.Tensor],
+    act_bits: int = 16,
+    *,
+    scale_rule: str | None,
+    calibration: str | None = None,
 ):
     """A ComfyUI MODEL of a v1 state dict (2bit-packed ternary layers, BFL names).
 
     ``scale_rule`` is the rule that made its scales (the Quantize node's choice, a file's
-    header); its ternary layers carry it, so Save Ternary Model writes it into the file.
+    header) and ``calibration`` the header entry of a calibrated model; its ternary layers
+    carry both, so Save Ternary Model writes them into the file.
 
     Always ComfyUI's legacy ModelPatcher, also where Dynamic VRAM is on: the dynamic patcher
     streams only ComfyUI's own cast weights and copies every other tensor to the GPU again on
@@ -71,6 +76,7 @@ def patcher_from_state_dict(
     for module in layers.values():
         module.act_bits = act_bits
         module.scale_rule = scale_rule
+        module.calibration = calibration
     install(patcher)
     return patcher
 
@@ -85,7 +91,10 @@ def load_ternary_patcher(path: str | os.PathLike, act_bits: int = 16, disable_dy
     """
     checkpoint = load_ternary_model(path, convert_device=comfy.model_management.get_torch_device())
     patcher = patcher_from_state_dict(
-        checkpoint.state_dict, act_bits, scale_rule=checkpoint.metadata.get("scale_rule")
+        checkpoint.state_dict,
+        act_bits,
+        scale_rule=checkpoint.metadata.get("scale_rule"),
+        calibration=checkpoint.metadata.get("calibration"),
     )
     patcher.cached_patcher_init = (load_ternary_patcher, (str(path), act_bits))
     return patcher

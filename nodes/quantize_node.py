@@ -7,13 +7,20 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..models.files import quantize_state_dict
+from ..distill.calibration import DEFAULT_SAMPLES, teacher_calibration
+from ..models import flux1
+from ..models.family import ModelFamilyError
+from ..models.files import calibration_refusal, quantize_state_dict
+from ..models.registry import detect_family
+from ..ternary.calibrate import CALIBRATED
 from ..ternary.quantize import SCALE_RULES
+from .distill import dataset_dir
 from .model_io import (
     ACT_BITS,
     activations_input,
     check_flux,
     dense_state_dict,
+    logical_shapes,
     patcher_from_state_dict,
 )
 from .save_node import SAVE_PACKING
@@ -29,7 +36,8 @@ class QuantizeModelToTernary(io.ComfyNode):
             description="Makes a new 1.58-bit copy of a FLUX.1, FLUX.2 or Chroma model: every "
             "linear inside the double and single blocks (for FLUX.2 also its three global "
             "modulation linears) becomes ternary. The input MODEL is left as it is. "
-            "Without distillation the images degrade; a LoRA rank > 0 recovers part of it.",
+            "Without distillation the images degrade; a LoRA rank > 0 recovers part of it, "
+            "and calibrating on a teacher data set (FLUX.1) much more.",
             inputs=[
                 io.Model.Input(
                     "model",
@@ -54,23 +62,69 @@ class QuantizeModelToTernary(io.ComfyNode):
                     "error).",
                 ),
                 activations_input(),
+                io.String.Input(
+                    "teacher_data",
+                    default="",
+                    optional=True,
+                    tooltip="FLUX.1 only, optional: a teacher data set (name under "
+                    "output/ternary_distill/data, or a folder) from Build Teacher Dataset. Each "
+                    "layer's ternary values, scales and LoRA are then chosen for its output on "
+                    "the data set's latents and text conditioning (minutes on a GPU, no "
+                    "training); the scale rule is not used. Empty: plain quantization.",
+                ),
+                io.Int.Input(
+                    "calibration_samples",
+                    default=DEFAULT_SAMPLES,
+                    min=1,
+                    max=100_000,
+                    optional=True,
+                    tooltip="Examples of the teacher data set to calibrate on (with teacher_data).",
+                ),
             ],
             outputs=[io.Model.Output(), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, model, lora_rank: int, scale_rule: str, activations: str) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        lora_rank: int,
+        scale_rule: str,
+        activations: str,
+        teacher_data: str = "",
+        calibration_samples: int = DEFAULT_SAMPLES,
+    ) -> io.NodeOutput:
         check_flux(model)
+        bar = None
+
+        def progress(done: int, total: int, _name: str) -> None:
+            nonlocal bar
+            bar = bar or comfy.utils.ProgressBar(total)
+            bar.update_absolute(done, total)
+
+        calibration = None
+        if teacher_data.strip():
+            family, _ = detect_family(logical_shapes(model))
+            if family is not flux1.FAMILY:
+                raise ModelFamilyError(calibration_refusal(family.title))
+            calibration = teacher_calibration(
+                dataset_dir(teacher_data.strip()), calibration_samples, progress=progress
+            )
         state = dense_state_dict(model)
-        bar = comfy.utils.ProgressBar(len(state))
         tensors, _, report = quantize_state_dict(
             state,
             lora_rank=lora_rank,
             scale_rule=scale_rule,
             device=comfy.model_management.get_torch_device(),
-            progress=lambda done, total, _key: bar.update_absolute(done, total),
+            progress=None if calibration else progress,
             stored_packing=SAVE_PACKING,  # bytes after: the file Save Ternary Model writes
+            calibration=calibration,
         )
         del state
-        model = patcher_from_state_dict(tensors, ACT_BITS[activations], scale_rule=scale_rule)
+        model = patcher_from_state_dict(
+            tensors,
+            ACT_BITS[activations],
+            scale_rule=CALIBRATED if calibration else scale_rule,
+            calibration=calibration.metadata() if calibration else None,
+        )
         return io.NodeOutput(model, report.format())

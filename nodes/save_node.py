@@ -10,7 +10,7 @@ from ..models.registry import detect_family
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.module import export_tensors
 from ..ternary.packing import PACKINGS
-from ..ternary.quantize import SCALE_RULES
+from ..ternary.quantize import HEADER_SCALE_RULES
 from . import folders
 from .model_io import bfl_key, logical_shapes, refuse_patches
 from .ternary_ops import ternary_modules
@@ -30,17 +30,23 @@ def ternary_file_tensors(patcher, packing: str) -> tuple[dict, dict, int]:
 
 def ternary_file_header(patcher) -> dict[str, str]:
     """The header fields a file of this MODEL states about it: the ``scale_rule`` its ternary
-    layers carry (from the Quantize node or the file they were loaded from) and its
-    ``architecture`` (the model family its shapes are)."""
-    rules = {layer.scale_rule for layer in ternary_modules(patcher).values()}
-    if len(rules) != 1 or not rules <= set(SCALE_RULES):
+    layers carry (from the Quantize node or the file they were loaded from), its
+    ``architecture`` (the model family its shapes are) and, for a calibrated model, the
+    ``calibration`` entry (as ``metadata``)."""
+    layers = ternary_modules(patcher).values()
+    rules = {layer.scale_rule for layer in layers}
+    if len(rules) != 1 or not rules <= set(HEADER_SCALE_RULES):
         found = ", ".join(sorted(str(r) for r in rules))
         raise ValueError(
             f"this MODEL's ternary layers do not say one scale rule ({found}); "
             "save a model from Quantize Model to Ternary or a ternary file"
         )
     family, _ = detect_family(logical_shapes(patcher))
-    return {"scale_rule": rules.pop(), "architecture": family.name}
+    header = {"scale_rule": rules.pop(), "architecture": family.name}
+    calibrations = {layer.calibration for layer in layers}
+    if len(calibrations) == 1 and None not in calibrations:
+        header["metadata"] = {"calibration": calibrations.pop()}
+    return header
 
 
 class SaveTernaryModel(io.ComfyNode):

@@ -7,6 +7,7 @@ dense float32 weights), so it tests the integration, not a copy of our own formu
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -542,3 +543,28 @@ def test_save_cannot_escape_models_ternary_through_a_link(ternary_folder, tmp_pa
     (kept,) = SaveTernaryModel.execute(model, "alias/model", "base3").args
     assert (inside / kept).is_file()
     assert list(outside.iterdir()) == []
+
+
+def test_quantize_node_calibrates_on_a_teacher_data_set(ternary_folder, tmp_path):
+    from distill_helpers import build_data
+
+    data = tmp_path / "teacher-data"
+    build_data(data)  # 6 prompts x 2 points of a tiny FLUX.1 teacher
+    bfl = random_flux_state_dict(TINY_FLUX, seed=2)
+    dense = comfy.sd.load_diffusion_model_state_dict(dict(bfl))
+    args = (dense, 4, "absmean", "16-bit")
+    (model, report) = QuantizeModelToTernary.execute(*args, str(data), 12).args
+    assert "output error on the calibration inputs" in report and "26 of 26 layers lower" in report
+    assert {m.scale_rule for m in ternary_modules(model).values()} == {"calibrated"}
+    (name,) = SaveTernaryModel.execute(model, "calibrated", "base3").args
+    metadata, _ = read_header(ternary_folder / name)
+    assert metadata["scale_rule"] == "calibrated"
+    assert json.loads(metadata["calibration"])["samples"] == 12
+    # loaded and saved again, the calibration record travels with the model
+    (loaded,) = LoadTernaryDiffusionModel.execute(name, "16-bit").args
+    (again,) = SaveTernaryModel.execute(loaded, "calibrated", "2bit").args
+    assert read_header(ternary_folder / again)[0]["calibration"] == metadata["calibration"]
+    with pytest.raises(ValueError, match="13 calibration samples asked for"):
+        QuantizeModelToTernary.execute(*args, str(data), 13)
+    with pytest.raises(ValueError, match="not found"):
+        QuantizeModelToTernary.execute(*args, str(tmp_path / "nothing"), 4)

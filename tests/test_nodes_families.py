@@ -182,6 +182,8 @@ def test_flux2_quantize_save_and_report_nodes(flux2_dev, tmp_path, monkeypatch):
     source = comfy.sd.load_diffusion_model_state_dict(dict(state))
     quantized, report = QuantizeModelToTernary.execute(source, 0, "absmean", "16-bit").args
     assert "FLUX.2 (dev-like)" in report and type(quantized.model) is comfy.model_base.Flux2
+    with pytest.raises(ValueError, match="calibration supports FLUX.1 only; FLUX.2 is not"):
+        QuantizeModelToTernary.execute(source, 0, "absmean", "16-bit", teacher_data="any")
     expected, _, _ = quantize_state_dict(state)
     for name, layer in ternary_modules(quantized).items():
         assert torch.equal(layer.weight, expected[f"{name}.weight"]), name
