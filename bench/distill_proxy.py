@@ -1,18 +1,25 @@
-"""Quality proxy for distillation: does training LoRA + scales against teacher velocities win
-back what plain ternary quantization loses? FLUX.1-dev cannot be had here, so the question is
-asked of a tiny FLUX-architecture model trained on scikit-learn's 8x8 digits.
+"""Quality proxy for ternary FLUX: what plain ternary quantization loses, and how much of it
+calibrated post-training quantization (no training) and distillation (LoRA + scales trained
+against teacher velocities) win back. FLUX.1-dev cannot be had here, so the question is asked
+of a tiny FLUX-architecture model trained on scikit-learn's 8x8 digits.
 
 The digits are upsampled and folded into FLUX's 16-channel latent without a VAE (pixel
 unshuffle by 4: a 32x32 image is a [16, 8, 8] latent, 16 image tokens); the digit is the
 prompt, through a fixed random table that plays the frozen text encoder (context tokens and a
 pooled vector). A full-precision teacher learns rectified flow as FLUX does. The pack's own
 pipeline then does the rest: the teacher data set builder stores teacher samples and
-velocities (no real digits), ``load_student`` quantizes, ``train.distill`` trains LoRA and
-scales. The teacher, plain ternary (absmean, no training) and the distilled student sample
-the same held-out noise; a classifier trained on real digits judges the samples: accuracy on
-the digit asked for, and a Frechet distance in its feature space.
+velocities (no real digits); ``quantize_file(..., calibration=teacher_calibration(data))``
+(what ``quantize --calibrate DATA`` runs) makes the calibrated file; the distillation CLI's
+``build_student`` (``init = "svd"`` or ``"calibrated"``) and ``train.distill`` train LoRA
+and scales. Every model samples the same held-out noise; a classifier trained on real digits
+judges the samples: accuracy on the digit asked for, and a Frechet distance in its feature
+space. ``--ablations`` adds what each part buys (inputs, rank, samples, scale search,
+damping; start, steps, scale training, schedule).
 
-    python bench/distill_proxy.py --size small --out bench/results
+    python bench/distill_proxy.py --size small --seed 0 --out bench/results [--ablations]
+    python bench/distill_proxy.py --size small --summarize --out bench/results
+
+``--size large`` is meant for a GPU (``--device cuda``, the default when one is present).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +43,10 @@ from comfyui_ternary_flux.bench.proxy_metrics import (
     sample_quality,
     train_classifier,
 )
+from comfyui_ternary_flux.cli.distill import build_student
+from comfyui_ternary_flux.distill.calibration import teacher_calibration
 from comfyui_ternary_flux.distill.config import DistillConfig
+from comfyui_ternary_flux.distill.distributed import DistEnv
 from comfyui_ternary_flux.distill.schedule import (
     derived_seed,
     resolution_shift,
@@ -51,15 +62,24 @@ from comfyui_ternary_flux.distill.teacher import (
     model_velocity_fn,
 )
 from comfyui_ternary_flux.distill.train import distill
+from comfyui_ternary_flux.models.files import quantize_file
 from comfyui_ternary_flux.models.flux1 import FluxConfig
 from comfyui_ternary_flux.models.flux1_torch import PATCH, FluxTransformer
+from comfyui_ternary_flux.ternary.calibrate import CalibrationOptions
 
 FOLD = 4  # pixel unshuffle: 16 latent channels, as FLUX's VAE
 TEXT_TOKENS = 2
 CONTEXT_DIM = 64
 POOLED_DIM = 32
 HEAD_DIM = 128  # FLUX.1's RoPE split fixes the head size
-ROWS = ("teacher", "plain ternary", "distilled ternary + LoRA")
+ROWS = (
+    "teacher",
+    "plain ternary",
+    "calibrated ternary + LoRA",
+    "distilled ternary + LoRA",
+    "distilled from calibrated",
+)
+METRICS = ("accuracy", "frechet_distance")
 
 
 LATENT_CHANNELS = 16  # FLUX.1's latent space
@@ -85,6 +105,7 @@ class ProxySize:
     eval_samples_per_digit: int
     sampling_steps: int
     classifier_epochs: int
+    calibration_samples: int  # teacher data examples the calibrated quantizer runs on
 
 
 SIZES = {
@@ -107,6 +128,7 @@ SIZES = {
         eval_samples_per_digit=3,
         sampling_steps=3,
         classifier_epochs=1,
+        calibration_samples=8,
     ),
     "small": ProxySize(
         latent_side=8,
@@ -127,6 +149,7 @@ SIZES = {
         eval_samples_per_digit=50,
         sampling_steps=16,
         classifier_epochs=8,
+        calibration_samples=256,
     ),
     "large": ProxySize(
         latent_side=16,
@@ -147,6 +170,7 @@ SIZES = {
         eval_samples_per_digit=200,
         sampling_steps=28,
         classifier_epochs=30,
+        calibration_samples=256,
     ),
 }
 
@@ -256,11 +280,17 @@ def log(message: str) -> None:
 
 
 def train_teacher(
-    size: ProxySize, latents: torch.Tensor, labels: torch.Tensor, prompts: DigitPrompts, seed: int
+    size: ProxySize,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    prompts: DigitPrompts,
+    seed: int,
+    device: torch.device | str = "cpu",
 ) -> FluxTransformer:
-    """Full-precision rectified-flow training on real digits, AdamW with a cosine schedule."""
+    """Full-precision rectified-flow training on real digits, AdamW with a cosine schedule.
+    Batches are drawn on the CPU (the same data on every device)."""
     torch.manual_seed(derived_seed(seed, 1))
-    model = FluxTransformer(flux_config(size))
+    model = FluxTransformer(flux_config(size)).to(device)
     gen = torch.Generator().manual_seed(derived_seed(seed, 2))
     mu = time_shift(size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.teacher_lr, weight_decay=0.0)
@@ -271,8 +301,9 @@ def train_teacher(
         noise = torch.randn(clean.shape, generator=gen)
         t = training_times(size.teacher_batch, mu, gen)
         cond = prompts.condition(labels[index])
-        v = model(flow_point(clean, noise, t), t, cond["context"], cond["pooled"])
-        loss = F.mse_loss(v, noise - clean)
+        z_t, t, target = (v.to(device) for v in (flow_point(clean, noise, t), t, noise - clean))
+        v = model(z_t, t, cond["context"].to(device), cond["pooled"].to(device))
+        loss = F.mse_loss(v, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -280,6 +311,10 @@ def train_teacher(
         if step % 250 == 0 or step == size.teacher_steps - 1:
             log(f"teacher step {step + 1}/{size.teacher_steps} loss {loss.item():.4f}")
     return model.eval()
+
+
+def _on(cond: dict, device) -> dict:
+    return {k: None if v is None else v.to(device) for k, v in cond.items()}
 
 
 def sample(
@@ -290,17 +325,18 @@ def sample(
     size: ProxySize,
     batch_size: int = 250,
 ) -> torch.Tensor:
-    """Latents from the pack's Euler sampler on the teacher data set's schedule."""
+    """Latents (on the CPU) from the pack's Euler sampler on the teacher data set's schedule."""
+    device = next(model.parameters()).device
     sigmas = sampling_sigmas(size.sampling_steps, time_shift(size))
     velocity = model_velocity_fn(model)
     return torch.cat(
         [
             euler_sample(
                 velocity,
-                noise[i : i + batch_size],
-                prompts.condition(labels[i : i + batch_size]),
+                noise[i : i + batch_size].to(device),
+                _on(prompts.condition(labels[i : i + batch_size]), device),
                 sigmas,
-            )
+            ).cpu()
             for i in range(0, len(noise), batch_size)
         ]
     )
@@ -314,77 +350,211 @@ def balanced_labels(per_digit: int) -> torch.Tensor:
     return torch.arange(10).repeat_interleave(per_digit)
 
 
-def distill_student(
-    teacher: torch.nn.Module,
-    teacher_file: Path,
-    work: Path,
-    size: ProxySize,
-    prompts: DigitPrompts,
-    seed: int,
-) -> tuple[torch.nn.Module, list[float]]:
-    """The pack's pipeline on the proxy: teacher data set (the teacher's own samples and its
-    velocities at stored (z_t, t) points), ``load_student`` (absmean ternary + residual-SVD
-    LoRA), ``train.distill`` (LoRA and scales against the stored velocities). Returns the
-    student and its loss per step."""
-    texts = [prompts.text(int(d)) for d in balanced_labels(size.distill_prompts_per_digit)]
-    build_teacher_dataset(
-        work / "teacher_data",
-        texts,
-        prompts,
-        model_velocity_fn(teacher),
-        teacher_settings(size, seed),
-        log=log,
-    )
-    config = DistillConfig(
-        model=str(teacher_file),
-        data=str(work / "teacher_data"),
-        output=str(work / "student.safetensors"),
-        lora_rank=size.lora_rank,
-        steps=size.distill_steps,
-        batch_size=size.distill_batch,
-        micro_batch=size.distill_batch,
-        lr_lora=size.lora_lr,
-        lr_scale=size.scale_lr,
-        checkpoint_every=size.distill_steps,
-        gradient_checkpointing=False,
-        dtype="float32",
-        device="cpu",
-        seed=derived_seed(seed, 5),
-    )
-    student = load_student(
-        teacher_file, size.lora_rank, dtype=torch.float32, gradient_checkpointing=False
-    )
+@dataclass(frozen=True)
+class Calibrated:
+    """A calibrated PTQ variant: ``quantize_file`` with a teacher data set calibration."""
 
-    def progress(step: int, loss: float) -> None:
-        if step % 100 == 0 or step in (1, size.distill_steps):
-            log(f"distill step {step}/{size.distill_steps} loss {loss:.5f}")
-
-    result = distill(student, TeacherDataset(config.data), config, on_step=progress, log=log)
-    return student.eval(), result.losses
+    name: str
+    lora_rank: int | None = None  # None: the size's rank
+    samples: int | None = None  # None: the size's calibration_samples; 0: every example
+    inputs: str = "quantized"
+    options: tuple[tuple[str, object], ...] = ()  # CalibrationOptions overrides
 
 
-def plain_ternary(teacher_file: Path) -> torch.nn.Module:
-    """Absmean ternary of every block linear, no LoRA, no training."""
-    return load_student(teacher_file, 0, dtype=torch.float32, gradient_checkpointing=False).eval()
+@dataclass(frozen=True)
+class Distilled:
+    """A distillation variant: the CLI's student (``init``) and trainer, size defaults."""
+
+    name: str
+    init: str = "svd"
+    step_share: float = 1.0  # of the size's distill_steps
+    scale_lr: float | None = None
+    warmup_share: float = 0.0  # of the steps
+    min_lr_ratio: float = 0.0
 
 
-@torch.no_grad()
-def velocity_mse(
-    model: torch.nn.Module,
-    teacher: torch.nn.Module,
-    clean: torch.Tensor,
-    labels: torch.Tensor,
-    prompts: DigitPrompts,
-    size: ProxySize,
-    seed: int,
-) -> float:
-    """Mean squared velocity error to the teacher at held-out (z_t, t) points."""
-    gen = torch.Generator().manual_seed(seed)
-    t = training_times(len(clean), time_shift(size), gen)
-    z_t = flow_point(clean, torch.randn(clean.shape, generator=gen), t)
-    cond = prompts.condition(labels)
-    args = (z_t, t, cond["context"], cond["pooled"])
-    return float(F.mse_loss(model(*args), teacher(*args)))
+MAIN = {
+    "calibrated ternary + LoRA": Calibrated("calibrated ternary + LoRA"),
+    "distilled ternary + LoRA": Distilled("distilled ternary + LoRA", init="svd"),
+    "distilled from calibrated": Distilled("distilled from calibrated", init="calibrated"),
+}
+ABLATIONS = (
+    Calibrated("PTQ: dense-model inputs (not the quantized blocks')", inputs="dense"),
+    Calibrated("PTQ: no LoRA (rank 0)", lora_rank=0),
+    Calibrated("PTQ: 64 calibration samples", samples=64),
+    Calibrated("PTQ: every example of the data set", samples=0),
+    Calibrated("PTQ: absmean scale, no search", options=(("multipliers", (1.0,)),)),
+    Calibrated("PTQ: damping 0.01", options=(("damp", 0.01), ("lora_damp", 0.01))),
+    Distilled("distill: calibrated start, half the steps", init="calibrated", step_share=0.5),
+    Distilled("distill: calibrated start, a quarter of the steps", "calibrated", 0.25),
+    Distilled("distill: calibrated start, scales frozen", init="calibrated", scale_lr=0.0),
+    Distilled(
+        "distill: calibrated start, warm-up 10 % + floor 0.1",
+        init="calibrated",
+        warmup_share=0.1,
+        min_lr_ratio=0.1,
+    ),
+    Distilled("distill: svd start, scales frozen", init="svd", scale_lr=0.0),
+    Distilled("distill: svd start, half the steps", init="svd", step_share=0.5),
+)
+
+
+class Proxy:
+    """One seed's set-up: real digits, the classifier, the teacher, its file and data set."""
+
+    def __init__(self, size_name: str, seed: int, work: Path, device: torch.device) -> None:
+        self.size_name, self.size, self.seed = size_name, SIZES[size_name], seed
+        self.work, self.device = work, device
+        size = self.size
+        self.digits = load_digits(FOLD * size.latent_side, seed)
+        self.prompts = DigitPrompts(derived_seed(seed, 3))
+        digits = self.digits
+        self.classifier = train_classifier(
+            digits.train_images, digits.train_labels, size.classifier_epochs, derived_seed(seed, 4)
+        )
+        with torch.no_grad():
+            self.reference = self.classifier.features(digits.test_images)
+            self.real_accuracy = float(
+                (self.classifier(digits.test_images).argmax(1) == digits.test_labels)
+                .double()
+                .mean()
+            )
+            self.real_distance = frechet_distance(
+                self.classifier.features(digits.train_images), self.reference
+            )
+        log(f"classifier accuracy on held-out real digits: {self.real_accuracy:.4f}")
+        self.teacher = train_teacher(
+            size, to_latent(digits.train_images), digits.train_labels, self.prompts, seed, device
+        )
+        self.teacher_file = work / "teacher.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in self.teacher.state_dict().items()}
+        save_file(state, str(self.teacher_file))
+        self.data = work / "teacher_data"
+        texts = [self.prompts.text(int(d)) for d in balanced_labels(size.distill_prompts_per_digit)]
+        build_teacher_dataset(
+            self.data,
+            texts,
+            self.prompts,
+            model_velocity_fn(self.teacher),
+            teacher_settings(size, seed),
+            device=device,
+            log=log,
+        )
+        self.eval_labels = balanced_labels(size.eval_samples_per_digit)
+        latent_shape = (LATENT_CHANNELS, size.latent_side, size.latent_side)
+        self.eval_noise = seeded_noise(len(self.eval_labels), latent_shape, derived_seed(seed, 7))
+        self.teacher_latents = sample(
+            self.teacher, self.eval_noise, self.eval_labels, self.prompts, size
+        )
+        self._count = 0
+
+    def plain_ternary(self) -> torch.nn.Module:
+        """Absmean ternary of every block linear, no LoRA, no training."""
+        return load_student(
+            self.teacher_file, 0, dtype=torch.float32, device=self.device,
+            gradient_checkpointing=False,
+        ).eval()  # fmt: skip
+
+    def calibrated(self, variant: Calibrated) -> tuple[torch.nn.Module, dict]:
+        """The calibrated file of ``quantize --calibrate`` (timed), loaded as a student."""
+        rank = self.size.lora_rank if variant.lora_rank is None else variant.lora_rank
+        dataset = TeacherDataset(self.data)
+        samples = variant.samples if variant.samples is not None else self.size.calibration_samples
+        samples = min(samples or len(dataset), len(dataset))  # (the tiny size has 40)
+        options = CalibrationOptions(**dict(variant.options))
+        self._count += 1
+        out = self.work / f"calibrated-{self._count}.safetensors"
+        started = time.perf_counter()
+        calibration = teacher_calibration(
+            self.data, samples, inputs=variant.inputs, options=options, dataset=dataset
+        )
+        report = quantize_file(
+            self.teacher_file, out, rank, device=self.device, calibration=calibration
+        )
+        seconds = time.perf_counter() - started
+        model = load_student(
+            out, rank, dtype=torch.float32, device=self.device, gradient_checkpointing=False
+        )
+        outputs = [(e.output_plain, e.output) for e in report.layers]
+        info = {
+            "seconds": round(seconds, 2),
+            "calibration_samples": samples,
+            "lora_rank": rank,
+            "median_output_error_plain": statistics.median(p for p, _ in outputs),
+            "median_output_error_calibrated": statistics.median(c for _, c in outputs),
+        }
+        return model.eval(), info
+
+    def distilled(self, variant: Distilled) -> tuple[torch.nn.Module, dict]:
+        """The distillation CLI's student (``init``) trained by ``train.distill``."""
+        size = self.size
+        steps = max(1, round(variant.step_share * size.distill_steps))
+        warmup = round(variant.warmup_share * steps)
+        self._count += 1
+        config = DistillConfig(
+            model=str(self.teacher_file),
+            data=str(self.data),
+            output=str(self.work / f"student-{self._count}.safetensors"),
+            lora_rank=size.lora_rank,
+            init=variant.init,
+            calibration_samples=size.calibration_samples,
+            steps=steps,
+            batch_size=size.distill_batch,
+            micro_batch=size.distill_batch,
+            lr_lora=size.lora_lr,
+            lr_scale=size.scale_lr if variant.scale_lr is None else variant.scale_lr,
+            warmup_steps=warmup,
+            min_lr_ratio=variant.min_lr_ratio,
+            checkpoint_every=steps,
+            gradient_checkpointing=False,
+            dtype="float32",
+            device=self.device.type,
+            seed=derived_seed(self.seed, 5),
+        )
+        env = DistEnv(device=self.device)
+        started = time.perf_counter()
+        dataset = TeacherDataset(config.data)
+        student = build_student(config, env, dataset)
+
+        def progress(step: int, loss: float) -> None:
+            if step % 100 == 0 or step in (1, steps):
+                log(f"{variant.name}: step {step}/{steps} loss {loss:.5f}")
+
+        result = distill(student, dataset, config, env, on_step=progress, log=log)
+        info = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "steps": steps,
+            # The first step shows what the start alone does, the last what training adds.
+            "distill_loss": {"first_step": result.losses[0], "last_step": result.losses[-1]},
+        }
+        return student.eval(), info
+
+    @torch.no_grad()
+    def velocity_mse(self, model: torch.nn.Module) -> float:
+        """Mean squared velocity error to the teacher at held-out (z_t, t) points."""
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, 8))
+        clean, labels = self.teacher_latents, self.eval_labels
+        t = training_times(len(clean), time_shift(self.size), gen)
+        z_t = flow_point(clean, torch.randn(clean.shape, generator=gen), t)
+        cond = self.prompts.condition(labels)
+        args = [v.to(self.device) for v in (z_t, t, cond["context"], cond["pooled"])]
+        return float(F.mse_loss(model(*args), self.teacher(*args)))
+
+    def measure(self, model: torch.nn.Module) -> dict:
+        latents = sample(model, self.eval_noise, self.eval_labels, self.prompts, self.size)
+        quality = sample_quality(
+            self.classifier, to_images(latents), self.eval_labels, self.reference
+        )
+        return {"velocity_mse": self.velocity_mse(model), **quality}
+
+    def run(self, variant: Calibrated | Distilled) -> dict:
+        if isinstance(variant, Calibrated):
+            model, info = self.calibrated(variant)
+        else:
+            model, info = self.distilled(variant)
+        row = {**self.measure(model), **info}
+        log(f"{variant.name}: {row}")
+        return row
 
 
 def recovered_share(teacher: float, ternary: float, distilled: float) -> float | None:
@@ -393,104 +563,130 @@ def recovered_share(teacher: float, ternary: float, distilled: float) -> float |
     return None if gap == 0 else (distilled - ternary) / gap
 
 
-def run_proxy(size_name: str, seed: int = 0) -> dict:
+def shares(rows: dict, name: str) -> dict[str, float | None]:
+    """The recovered share of each sample-quality metric for row ``name``."""
+    teacher, plain = rows["teacher"], rows["plain ternary"]
+    return {m: recovered_share(teacher[m], plain[m], rows[name][m]) for m in METRICS}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_proxy(
+    size_name: str, seed: int = 0, ablations: bool = False, device: str | None = None
+) -> dict:
     """The whole comparison; returns the JSON-ready result."""
     size = SIZES[size_name]
+    device = torch.device(device or default_device())
     started = time.perf_counter()
-    digits = load_digits(FOLD * size.latent_side, seed)
-    prompts = DigitPrompts(derived_seed(seed, 3))
-    classifier = train_classifier(
-        digits.train_images, digits.train_labels, size.classifier_epochs, derived_seed(seed, 4)
-    )
-    with torch.no_grad():
-        reference = classifier.features(digits.test_images)
-        real_accuracy = float(
-            (classifier(digits.test_images).argmax(1) == digits.test_labels).double().mean()
-        )
-        real_distance = frechet_distance(classifier.features(digits.train_images), reference)
-    log(f"classifier accuracy on held-out real digits: {real_accuracy:.4f}")
-    teacher = train_teacher(
-        size, to_latent(digits.train_images), digits.train_labels, prompts, seed
-    )
     with tempfile.TemporaryDirectory(prefix="distill_proxy_") as work:
-        teacher_file = Path(work) / "teacher.safetensors"
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(teacher_file))
-        student, losses = distill_student(teacher, teacher_file, Path(work), size, prompts, seed)
-        models = {
-            "teacher": teacher,
-            "plain ternary": plain_ternary(teacher_file),
-            "distilled ternary + LoRA": student,
-        }
-
-    eval_labels = balanced_labels(size.eval_samples_per_digit)
-    latent_shape = (LATENT_CHANNELS, size.latent_side, size.latent_side)
-    eval_noise = seeded_noise(len(eval_labels), latent_shape, derived_seed(seed, 7))
-    teacher_latents = None
-    rows = {}
-    for name, model in models.items():
-        latents = sample(model, eval_noise, eval_labels, prompts, size)
-        teacher_latents = latents if teacher_latents is None else teacher_latents
-        quality = sample_quality(classifier, to_images(latents), eval_labels, reference)
-        mse = velocity_mse(
-            model, teacher, teacher_latents, eval_labels, prompts, size, derived_seed(seed, 8)
-        )
-        rows[name] = {"velocity_mse": mse, **quality}
-        log(f"{name}: {rows[name]}")
-    recovered = {
-        metric: recovered_share(*(rows[name][metric] for name in ROWS))
-        for metric in ("accuracy", "frechet_distance")
-    }
+        proxy = Proxy(size_name, seed, Path(work), device)
+        rows = {"teacher": proxy.measure(proxy.teacher)}
+        rows["plain ternary"] = proxy.measure(proxy.plain_ternary())
+        log(f"teacher: {rows['teacher']}\nplain ternary: {rows['plain ternary']}")
+        for name, variant in MAIN.items():
+            rows[name] = proxy.run(variant)
+        extra = {variant.name: proxy.run(variant) for variant in ABLATIONS} if ablations else {}
+    for table in (rows, extra):
+        for name in table:
+            if name not in ("teacher", "plain ternary"):
+                table[name]["recovered_share"] = shares({**rows, **table}, name)
     return {
         "benchmark": "distill_proxy",
         "size": size_name,
         "seed": seed,
+        "device": str(device),
         "settings": asdict(size),
         "flux_config": flux_config(size).as_dict(),
         "real_digits": {
-            "train": len(digits.train_labels),
-            "test": len(digits.test_labels),
-            "classifier_test_accuracy": real_accuracy,
-            "frechet_distance_train_vs_test": real_distance,
+            "train": len(proxy.digits.train_labels),
+            "test": len(proxy.digits.test_labels),
+            "classifier_test_accuracy": proxy.real_accuracy,
+            "frechet_distance_train_vs_test": proxy.real_distance,
         },
         "rows": rows,
-        "recovered_share": recovered,
-        # The first step shows what the residual-SVD LoRA alone does, the last what training adds.
-        "distill_loss": {"first_step": losses[0], "last_step": losses[-1]},
+        "ablations": extra,
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _time(row: dict) -> str:
+    if "steps" in row:
+        return f"{row['steps']} steps, {row['seconds']:.0f} s"
+    if "calibration_samples" in row:
+        return f"PTQ {row['seconds']:.1f} s"
+    return ""
+
+
 def markdown_table(result: dict) -> str:
-    """The three rows side by side, and the recovered share of each sample-quality metric."""
-
-    def share(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f} %"
-
-    lines = [
-        "| model | velocity MSE to teacher | classifier accuracy | Frechet distance |",
-        "|---|---|---|---|",
+    """Every row with its recovered share of each sample-quality metric, then ablations."""
+    header = [
+        "| model | velocity MSE to teacher | classifier accuracy | Frechet distance "
+        "| recovered: accuracy | recovered: Frechet | cost |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name in ROWS:
-        row = result["rows"][name]
-        lines.append(
+
+    def line(name: str, row: dict) -> str:
+        share = row.get("recovered_share", {})
+        return (
             f"| {name} | {row['velocity_mse']:.5f} | {100 * row['accuracy']:.1f} % "
-            f"| {row['frechet_distance']:.3f} |"
+            f"| {row['frechet_distance']:.3f} | {_share(share.get('accuracy'))} "
+            f"| {_share(share.get('frechet_distance'))} | {_time(row)} |"
         )
-    recovered = result["recovered_share"]
-    lines.append(
-        f"| recovered share | | {share(recovered['accuracy'])} "
-        f"| {share(recovered['frechet_distance'])} |"
-    )
+
+    lines = header + [line(name, result["rows"][name]) for name in ROWS]
+    if result.get("ablations"):
+        lines += ["", "Ablations:", "", *header]
+        lines += [line(name, row) for name, row in result["ablations"].items()]
     real = result["real_digits"]
     lines.append("")
     lines.append(
         f"Size `{result['size']}`, seed {result['seed']}, {result['seconds']} s on "
-        f"{result['threads']} CPU thread(s). Real held-out digits: classifier accuracy "
-        f"{100 * real['classifier_test_accuracy']:.1f} %, Frechet distance train vs test "
-        f"{real['frechet_distance_train_vs_test']:.3f}."
+        f"{result.get('device', 'cpu')} ({result['threads']} CPU thread(s)). Real held-out "
+        f"digits: classifier accuracy {100 * real['classifier_test_accuracy']:.1f} %, Frechet "
+        f"distance train vs test {real['frechet_distance_train_vs_test']:.3f}."
     )
+    return "\n".join(lines) + "\n"
+
+
+def summarize(results: list[dict]) -> str:
+    """Mean and spread (min - max) over seeds of every row's recovered shares."""
+    seeds = [r["seed"] for r in results]
+    names = [n for n in ROWS if n not in ("teacher", "plain ternary")]
+    names += [
+        n for n in results[0].get("ablations", {}) if all(n in r["ablations"] for r in results)
+    ]
+    lines = [
+        f"Size `{results[0]['size']}`, seeds {', '.join(map(str, seeds))}: recovered share of "
+        "what plain ternary loses, mean over seeds [min, max].",
+        "",
+        "| model | recovered: accuracy | recovered: Frechet distance | velocity MSE |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        rows = [r["rows"].get(name) or r["ablations"][name] for r in results]
+        cells = []
+        for metric in METRICS:
+            values = [row["recovered_share"][metric] for row in rows]
+            if any(v is None for v in values):
+                cells.append("n/a")
+                continue
+            mean = sum(values) / len(values)
+            cells.append(f"{100 * mean:.1f} % [{100 * min(values):.1f}, {100 * max(values):.1f}]")
+        mse = sum(row["velocity_mse"] for row in rows) / len(rows)
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {mse:.5f} |")
+    for name in ("teacher", "plain ternary"):
+        accuracy = ", ".join(f"{100 * r['rows'][name]['accuracy']:.1f} %" for r in results)
+        distance = ", ".join(f"{r['rows'][name]['frechet_distance']:.1f}" for r in results)
+        lines.append("")
+        lines.append(f"{name}: accuracy {accuracy}; Frechet distance {distance} (per seed).")
     return "\n".join(lines) + "\n"
 
 
@@ -507,13 +703,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("distill_proxy_results"))
+    parser.add_argument("--ablations", action="store_true", help="also run the ablations")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only combine the seeds' JSON files of --size in --out into a summary table",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    if args.summarize:
+        files = sorted(args.out.glob(f"distill_proxy_{args.size}_seed*.json"))
+        if not files:
+            parser.error(f"no distill_proxy_{args.size}_seed*.json in {args.out}")
+        table = summarize([json.loads(f.read_text()) for f in files])
+        write_atomically(args.out / f"distill_proxy_{args.size}_summary.md", table)
+        print(table)
+        return 0
     stem = args.out / f"distill_proxy_{args.size}_seed{args.seed}"
     for suffix in (".json", ".md"):
         if stem.with_suffix(suffix).exists() and not args.overwrite:
             parser.error(f"{stem.with_suffix(suffix)} exists; pass --overwrite to replace it")
-    result = run_proxy(args.size, args.seed)
+    result = run_proxy(args.size, args.seed, args.ablations, args.device)
     table = markdown_table(result)
     write_atomically(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_atomically(stem.with_suffix(".md"), table)

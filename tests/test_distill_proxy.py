@@ -110,22 +110,49 @@ def test_latent_is_flux_shaped_and_round_trips():
 
 
 def test_tiny_end_to_end_run(tmp_path, capsys):
-    """The whole pipeline on the tiny setting: teacher, teacher data, trainer, metrics, files."""
-    assert distill_proxy.main(["--size", "tiny", "--out", str(tmp_path)]) == 0
+    """The whole pipeline on the tiny setting: teacher, teacher data, calibrated quantizer,
+    both student starts, trainer, ablations, metrics, files, and the summary over seeds."""
+    args = ["--size", "tiny", "--out", str(tmp_path), "--device", "cpu", "--ablations"]
+    assert distill_proxy.main(args) == 0
     result = json.loads((tmp_path / "distill_proxy_tiny_seed0.json").read_text())
     rows = result["rows"]
     assert list(rows) == list(distill_proxy.ROWS)
     assert rows["teacher"]["velocity_mse"] == 0.0
-    # Residual-SVD LoRA and training bring the student closer to the teacher than plain PTQ.
+    # Calibration, residual-SVD LoRA and training all bring the student closer to the teacher
+    plain = rows["plain ternary"]["velocity_mse"]
+    for name in ("calibrated ternary + LoRA", "distilled ternary + LoRA"):
+        assert 0 < rows[name]["velocity_mse"] < plain, name
+        assert set(rows[name]["recovered_share"]) == {"accuracy", "frechet_distance"}
+    calibrated = rows["calibrated ternary + LoRA"]
+    assert calibrated["median_output_error_calibrated"] < calibrated["median_output_error_plain"]
     assert (
-        0 < rows["distilled ternary + LoRA"]["velocity_mse"] < rows["plain ternary"]["velocity_mse"]
-    )
-    for row in rows.values():
+        rows["distilled from calibrated"]["distill_loss"]["first_step"]
+        < (rows["distilled ternary + LoRA"]["distill_loss"]["first_step"])
+    )  # the calibrated start is a better start
+    assert [a.name for a in distill_proxy.ABLATIONS] == list(result["ablations"])
+    assert result["ablations"]["distill: calibrated start, half the steps"]["steps"] == 2
+    for row in [*rows.values(), *result["ablations"].values()]:
         assert 0 <= row["accuracy"] <= 1 and row["frechet_distance"] >= 0
     table = (tmp_path / "distill_proxy_tiny_seed0.md").read_text()
-    assert "| recovered share |" in table and table in capsys.readouterr().out
+    assert "| distilled from calibrated |" in table and "Ablations:" in table
+    assert table in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        distill_proxy.main(["--size", "tiny", "--out", str(tmp_path)])  # no silent overwrite
+        distill_proxy.main(args)  # no silent overwrite
+    assert distill_proxy.main(["--size", "tiny", "--out", str(tmp_path), "--summarize"]) == 0
+    summary = (tmp_path / "distill_proxy_tiny_summary.md").read_text()
+    assert "seeds 0:" in summary and "| distilled from calibrated |" in summary
+
+
+def test_summary_gives_mean_and_range_over_seeds():
+    def result(seed: int, share: float) -> dict:
+        rows = {n: {"velocity_mse": 0.1, "accuracy": 0.5, "frechet_distance": 9.0}
+                for n in distill_proxy.ROWS}  # fmt: skip
+        for name in distill_proxy.ROWS[2:]:
+            rows[name]["recovered_share"] = {"accuracy": share, "frechet_distance": 0.5}
+        return {"size": "small", "seed": seed, "rows": rows, "ablations": {}}
+
+    text = distill_proxy.summarize([result(0, 0.9), result(1, 0.96)])
+    assert "| distilled from calibrated | 93.0 % [90.0, 96.0] | 50.0 % [50.0, 50.0] |" in text
 
 
 def test_teacher_training_is_deterministic():
