@@ -368,6 +368,7 @@ class Distilled:
     name: str
     init: str = "svd"
     step_share: float = 1.0  # of the size's distill_steps
+    lora_lr_factor: float = 1.0  # times the size's lora_lr
     scale_lr: float | None = None
     warmup_share: float = 0.0  # of the steps
     min_lr_ratio: float = 0.0
@@ -394,6 +395,7 @@ ABLATIONS = (
         warmup_share=0.1,
         min_lr_ratio=0.1,
     ),
+    Distilled("distill: calibrated start, LoRA learning rate x2", "calibrated", lora_lr_factor=2),
     Distilled("distill: svd start, scales frozen", init="svd", scale_lr=0.0),
     Distilled("distill: svd start, half the steps", init="svd", step_share=0.5),
 )
@@ -501,7 +503,7 @@ class Proxy:
             steps=steps,
             batch_size=size.distill_batch,
             micro_batch=size.distill_batch,
-            lr_lora=size.lora_lr,
+            lr_lora=size.lora_lr * variant.lora_lr_factor,
             lr_scale=size.scale_lr if variant.scale_lr is None else variant.scale_lr,
             warmup_steps=warmup,
             min_lr_ratio=variant.min_lr_ratio,

@@ -134,7 +134,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _calibration(args: argparse.Namespace):
     """The calibration of ``--calibrate DATA`` (checked before anything is read or written)."""
-    from ..distill.calibration import DEFAULT_SAMPLES, teacher_calibration
+    from ..distill.calibration import teacher_calibration
     from ..models.family import ModelFamilyError
     from ..models.files import calibration_refusal, family_of_file
     from ..models.flux1 import FAMILY as FLUX1
@@ -152,10 +152,9 @@ def _calibration(args: argparse.Namespace):
     source_family = family_of_file(args.src)  # refused first: it needs no data set
     if source_family is not FLUX1:
         raise ModelFamilyError(calibration_refusal(source_family.title))
-    samples = DEFAULT_SAMPLES if args.calibration_samples is None else args.calibration_samples
     return teacher_calibration(
         args.calibrate,
-        samples,
+        args.calibration_samples,  # None: 256, or the whole of a smaller data set
         inputs=args.calibration_inputs or "quantized",
         progress=ProgressPrinter("calibrating"),
     )
@@ -256,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-samples",
         type=int,
         metavar="N",
-        help="examples of the data set to calibrate on (default 256)",
+        help="examples of the data set to calibrate on (default: 256, or all of a smaller one)",
     )
     q.add_argument(
         "--calibration-inputs",

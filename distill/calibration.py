@@ -43,17 +43,20 @@ class TeacherExamples(Sequence):
 
 def teacher_calibration(
     directory: str | os.PathLike,
-    samples: int = DEFAULT_SAMPLES,
+    samples: int | None = DEFAULT_SAMPLES,
     inputs: str = "quantized",
     progress: Progress | None = None,
     options: CalibrationOptions | None = None,
     dataset: TeacherDataset | None = None,
 ) -> Calibration:
     """A :class:`Calibration` on ``samples`` examples of the complete teacher data set in
-    ``directory`` (refused by name when missing, incomplete or too small)."""
+    ``directory`` (refused by name when missing, incomplete or too small); ``samples=None``:
+    :data:`DEFAULT_SAMPLES`, or every example of a smaller data set."""
     if not Path(directory).is_dir():
         raise TeacherDataError(f"teacher data set not found: {directory} is not a folder")
     dataset = dataset or TeacherDataset(directory)
+    if samples is None:
+        samples = min(DEFAULT_SAMPLES, len(dataset))
     if samples < 1:
         raise TeacherDataError(f"calibration samples must be at least 1, got {samples}")
     if samples > len(dataset):

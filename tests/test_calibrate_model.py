@@ -212,6 +212,10 @@ def test_quantize_calibrate_refusals_name_the_problem_and_write_nothing(job, tmp
 
     klein = tmp_path / "klein.safetensors"
     save_file(random_weights(flux2.flux2_shapes(flux2.TINY_KLEIN)), str(klein))
+    assert main(["quantize", str(src), "--calibrate", str(job / "data"), "-o", str(out)]) == 0
+    assert json.loads(load_ternary_model(out).metadata["calibration"])["samples"] == 16  # all
+    out.unlink()
+    capsys.readouterr()
     err = refused(str(klein), "--calibrate", str(job / "data"))
     assert "calibration supports FLUX.1 only; FLUX.2 is not supported" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
