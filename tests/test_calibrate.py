@@ -278,3 +278,19 @@ def test_quantize_layer_with_a_hessian_lowers_the_output_error_and_reports_both(
 def test_quantize_layer_refuses_a_hessian_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"expected \[16, 16\]"):
         quantize_layer(weights(8, 16, 0), hessian=torch.eye(8, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_cpu_result():
+    w = weights(64, 256, 12)
+    x = activations(1024, 256, 12).float()
+    h = accumulate_hessian(x)
+    t_cpu, s_cpu = gptq_ternarize(w, h)
+    h_gpu = accumulate_hessian(x.cuda().to(torch.bfloat16))  # TF32 products of bf16 inputs
+    t_gpu, s_gpu = gptq_ternarize(w.cuda(), h_gpu)
+    assert t_gpu.is_cuda and s_gpu.is_cuda
+    # GPTQ's greedy choices may flip with rounding: compare what they achieve
+    cpu = output_error(w, dense(t_cpu, s_cpu), h)
+    assert output_error(w, dense(t_gpu.cpu(), s_gpu.cpu()), h) == pytest.approx(cpu, rel=0.03)
+    down, up = weighted_lora(w.cuda() - dense(t_gpu, s_gpu).float(), h_gpu, 8)
+    assert down.is_cuda and up.is_cuda
