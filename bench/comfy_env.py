@@ -162,3 +162,51 @@ def load_pack():
         )
         sys.modules["comfyui_ternary_flux"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["comfyui_ternary_flux"])
+
+
+class TimedSampler:
+    """Prompts sampled as KSampler samples them (``comfy.sample.sample``, euler / simple,
+    cfg 1, inference mode), timed: the GPU is synchronised at every step's callback, so
+    each step interval is that step's own time. ``used`` records the device memory in use at
+    each step, counted against ``cap_bytes`` when a ballast stands in for a smaller card
+    (the ballast's memory is not this process's)."""
+
+    def __init__(self, model, noise, positive, latent, seed: int, cuda: bool, cap_bytes=None):
+        self.model, self.noise, self.positive, self.latent = model, noise, positive, latent
+        self.seed, self.cuda, self.cap_bytes = seed, cuda, cap_bytes
+        self.used: list[int] = []
+        self._stamps: list[float] = []
+
+    def _callback(self, step, x0, x, total) -> None:
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            free, total_memory = torch.cuda.mem_get_info()
+            self.used.append((self.cap_bytes or total_memory) - free)
+        self._stamps.append(time.perf_counter())
+
+    def prompt(self, steps: int):
+        """(final latent, wall seconds, [seconds of each step])."""
+        import time
+
+        import comfy.sample
+        import torch
+
+        self._stamps.clear()
+        if self.cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            out = comfy.sample.sample(
+                self.model, self.noise, steps, 1.0, "euler", "simple", self.positive,
+                self.positive, self.latent, callback=self._callback, disable_pbar=True,
+                seed=self.seed,
+            )  # fmt: skip
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - begin
+        stamps = self._stamps
+        return out, seconds, [b - a for a, b in zip([begin, *stamps], stamps, strict=False)]

@@ -126,30 +126,9 @@ def run_child(spec: dict) -> dict:
     positive = [[context, {"pooled_output": pooled, "guidance": 3.5}]]
     latent = torch.zeros(1, 16, resolution // 8, resolution // 8)
     noise = torch.randn(latent.shape, generator=gen)
-    stamps: list[float] = []
-    used: list[int] = []
-
-    def callback(step, x0, x, total):
-        if cuda:
-            torch.cuda.synchronize()
-            free, total_memory = torch.cuda.mem_get_info()
-            used.append(total_memory - free)
-        stamps.append(time.perf_counter())
-
-    def prompt(steps: int):
-        stamps.clear()
-        if cuda:
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        with torch.inference_mode():
-            out = comfy.sample.sample(
-                model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
-                callback=callback, disable_pbar=True, seed=spec["seed"],
-            )  # fmt: skip
-        if cuda:
-            torch.cuda.synchronize()
-        end = time.perf_counter()
-        return out, end - begin, [b - a for a, b in zip([begin, *stamps], stamps, strict=False)]
+    cap_bytes = int(cap * comfy_env.GIB) if cap else None
+    sampler = comfy_env.TimedSampler(model, noise, positive, latent, spec["seed"], cuda, cap_bytes)
+    prompt = sampler.prompt
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -173,7 +152,7 @@ def run_child(spec: dict) -> dict:
         "second_prompt_overhead_seconds": round(second_seconds - steps * per_step, 4),
         "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-        "peak_device_used_bytes": max(used) if used else None,
+        "peak_device_used_bytes": max(sampler.used) if sampler.used else None,
         "loaded_bytes": model.loaded_size() if cuda else None,
         "model_bytes": model.model_size(),
     }

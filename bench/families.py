@@ -125,31 +125,10 @@ def sample_prompts(spec: dict, patcher, family, config) -> dict:
         extras["pooled_output"] = torch.randn(1, text.pooled_dim, generator=gen)
     tokens = spec["text_tokens"] or text.tokens
     positive = [[torch.randn(1, tokens, text.context_dim, generator=gen), extras]]
-    stamps: list[float] = []
-    used: list[int] = []
-
-    def callback(step, x0, x, total):
-        if cuda:
-            torch.cuda.synchronize()
-            free, total_memory = torch.cuda.mem_get_info()
-            # under the ballast this process sees a card of ``cap`` bytes
-            used.append((cap if cap else total_memory) - free)
-        stamps.append(time.perf_counter())
-
-    def prompt(steps: int):
-        stamps.clear()
-        if cuda:
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        with torch.inference_mode():
-            out = comfy.sample.sample(
-                patcher, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
-                callback=callback, disable_pbar=True, seed=spec["seed"],
-            )  # fmt: skip
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - begin
-        return out, seconds, [b - a for a, b in zip([begin, *stamps], stamps, strict=False)]
+    sampler = comfy_env.TimedSampler(
+        patcher, noise, positive, latent, spec["seed"], cuda, cap if cap else None
+    )
+    prompt = sampler.prompt
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -166,7 +145,7 @@ def sample_prompts(spec: dict, patcher, family, config) -> dict:
         step_seconds=[round(s, 5) for s in steps],
         peak_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
         peak_reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None,
-        peak_device_used_bytes=max(used) if used else None,
+        peak_device_used_bytes=max(sampler.used) if sampler.used else None,
         loaded_bytes=patcher.loaded_size() if cuda else None,
         model_bytes=patcher.model_size(),
         finite=bool(torch.isfinite(out).all()),
