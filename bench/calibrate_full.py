@@ -28,28 +28,16 @@ from pathlib import Path
 
 import torch
 
+from comfyui_ternary_flux.bench.quantize_full import write_random_model
 from comfyui_ternary_flux.distill.teacher import (
     TeacherSettings,
     build_teacher_dataset,
     hashed_prompt_encoder,
 )
-from comfyui_ternary_flux.models.flux1 import FLUX_DEV, TINY_FLUX, random_flux_state_dict
-from comfyui_ternary_flux.ternary.fileformat import StreamingWriter
+from comfyui_ternary_flux.models.flux1 import FLUX_DEV, TINY_FLUX
 
 TARGET_SECONDS = 20 * 60
 TARGET_BYTES = 24 * 10**9
-
-
-def write_random_model(path: Path, config, device: str) -> int:
-    state = random_flux_state_dict(config, seed=0, device=device)
-    entries = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
-    with StreamingWriter(path, entries, {"source": "random FLUX weights"}, overwrite=True) as w:
-        for key, tensor in state.items():
-            w.write(key, tensor)
-    del state
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return path.stat().st_size
 
 
 def write_data(path: Path, prompts: int, side: int, context_dim: int, tokens: int) -> None:
