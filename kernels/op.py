@@ -214,19 +214,19 @@ def ternary_linear(
             f"input has {x.shape[-1]} features, the layer expects {weight.in_features}"
         )
     down, up, lora_scale = (None, None, 0.0) if lora is None else lora
+    inference = not (
+        torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)
+    )
     codes = token_scale = None
     if torch.compiler.is_compiling():
         if act_bits == 8 and _prequantize(x.device, x.dtype):
             codes, token_scale = _fp8_codes(x)
         k, n = weight.in_features, weight.out_features
         min_tokens = _dense_min_tokens(x.device, x.dtype, act_bits)
-        inference = not (
-            torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)
-        )
         dense = min_tokens >= 0 and dense_sizes_fit(n, k, act_bits)
         if inference and dense and x.numel() // k >= min_tokens:
             return _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale)
-    elif not (torch.is_grad_enabled() and _any_requires_grad(x, weight.scale, bias, down, up)):
+    elif inference:
         # Eager inference: the op's own implementation, without the dispatcher's 6-20 us per
         # call (its autograd wrapper, schema checks); ~300 ternary layers run per step.
         return _linear_impl(
@@ -259,13 +259,11 @@ def _dense_in_graph(x, weight, bias, lora, act_bits, codes, token_scale) -> Tens
             out_dtype=torch.bfloat16,
             use_fast_accum=True,
         )
-        if lora is not None:
-            y = y + lora.scale * F.linear(F.linear(x2d, lora.down.to(x.dtype)), lora.up.to(x.dtype))
     else:
         w = (t.float() * weight.scale[:, None]).to(x.dtype)
         y = F.linear(x2d, w, None if bias is None else bias.to(x.dtype))
-        if lora is not None:  # a low-rank branch: no fp32 [N, K] product per layer
-            y = y + lora.scale * F.linear(F.linear(x2d, lora.down.to(x.dtype)), lora.up.to(x.dtype))
+    if lora is not None:  # a low-rank branch: no fp32 [N, K] product per layer
+        y = y + lora.scale * F.linear(F.linear(x2d, lora.down.to(x.dtype)), lora.up.to(x.dtype))
     return y.reshape(*x.shape[:-1], weight.out_features)
 
 
