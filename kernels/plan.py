@@ -72,9 +72,12 @@ def dense_sizes_fit(n: int, k: int, act_bits: int) -> bool:
     return act_bits == 16 or (k % 16 == 0 and n % 16 == 0)
 
 
-def _dense_fp8_fits(n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """fp8 rowwise cuBLAS: bf16 in and out, K and N multiples of 16, fp8 tensor cores."""
-    return dtype == torch.bfloat16 and dense_sizes_fit(n, k, 8) and fp8_tensor_cores(device)
+def _dense_capable(dtype: torch.dtype, act_bits: int, device: torch.device) -> bool:
+    """The dense path's GEMM runs these inputs: 16-bit for 16-bit activations; bf16 on fp8
+    tensor cores for 8-bit ones (fp8 rowwise cuBLAS, bf16 out). float32 never."""
+    if act_bits == 16:
+        return dtype != torch.float32
+    return dtype == torch.bfloat16 and fp8_tensor_cores(device)
 
 
 def plan_linear(
@@ -95,7 +98,7 @@ def _plan_linear(m, n, k, dtype, act_bits, device, requested, interpreter) -> Pl
 
 
 def _plan_for_family(m, n, k, dtype, act_bits, device, family) -> Plan:
-    dense_ok = dtype != torch.float32 and (act_bits == 16 or _dense_fp8_fits(n, k, dtype, device))
+    dense_ok = dense_sizes_fit(n, k, act_bits) and _dense_capable(dtype, act_bits, device)
     if family is None:  # no measured tables: the conservative plan
         return Plan("dense" if dense_ok else "reference", None)
     if dense_ok and m >= tuning.DENSE_MIN_TOKENS[family]:
@@ -113,9 +116,7 @@ def dense_min_tokens(device: torch.device, dtype: torch.dtype, act_bits: int) ->
     """Tokens from which the forward takes the ``dense`` path on this device and dtype, for
     a layer whose sizes fit (:func:`dense_sizes_fit`); -1 for never. What torch.compile asks
     at trace time, when the token count may be symbolic (plan_linear gives the same answer)."""
-    if backend(device, dtype) == "reference" or dtype == torch.float32:
-        return -1
-    if act_bits == 8 and not (dtype == torch.bfloat16 and fp8_tensor_cores(device)):
+    if backend(device, dtype) == "reference" or not _dense_capable(dtype, act_bits, device):
         return -1
     family = family_of(device)
     return 0 if family is None else tuning.DENSE_MIN_TOKENS[family]
