@@ -89,13 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         "--device", device, "--lora-rank", str(args.lora_rank), "--calibrate", str(data),
         "--calibration-samples", str(samples), "--calibration-inputs", args.inputs, "--force",
     ]  # fmt: skip
+    # The CLI's output goes to a log beside --out as it runs, so a run cut short by a time
+    # limit still shows how far calibration got (its progress lines carry the block count).
+    log_path = Path(args.out).with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - started
+    report = log_path.read_text()
     if proc.returncode:
-        print(proc.stderr, file=sys.stderr)
+        print(report, file=sys.stderr)
         raise SystemExit(f"quantize --calibrate failed with exit code {proc.returncode}")
-    report = proc.stdout
     allocated = re.search(r"peak GPU memory\s+([0-9.]+) GiB allocated, ([0-9.]+) GiB", report)
     peak = None if allocated is None else float(allocated.group(1)) * 2**30
     result = {

@@ -196,6 +196,8 @@ def main() -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if not names:
+        parser.error("--variants names no variant")
     work = Path(args.work)
     start = time.perf_counter()
     command = [sys.executable, __file__, "--make-files", "--work", str(work)]
@@ -220,6 +222,13 @@ def main() -> int:
             results.append(json.loads(lines[-1][len("RESULT ") :]))
         row = results[-1]
         print(f"{name}: {row.get('seconds_per_step', row.get('error', '')[-300:])}", flush=True)
+        summary = write_results(args, results, work)  # after each variant: a cut run keeps it
+    print(markdown(results, summary))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def write_results(args: argparse.Namespace, results: list[dict], work: Path) -> dict:
+    """The JSON of the variants run so far (to ``--json``); returns their summary."""
     summary = summarise(results, work)
     info = {
         "gpu": gpu_name(args.device),
@@ -232,8 +241,7 @@ def main() -> int:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
-    print(markdown(results, summary))
-    return 0 if all("error" not in r for r in results) else 1
+    return summary
 
 
 def summarise(results: list[dict], work: Path) -> dict:
