@@ -7,7 +7,8 @@ file quantized from it), then runs every variant in a process of its own:
 * weights: ``bf16`` and ``fp8_fast`` (ComfyUI's ``comfy.sd.load_diffusion_model``, weight_dtype
   default / ``fp8_e4m3fn_fast``), ``a16`` / ``a8`` (this pack's Load Ternary Diffusion Model
   function, 16-bit or fp8 activations);
-* ``+compile``: ComfyUI's TorchCompileModel node (inductor);
+* ``+compile`` / ``+cudagraphs``: ComfyUI's TorchCompileModel node, backend inductor /
+  cudagraphs;
 * ``dynamic``: Dynamic VRAM enabled as main.py enables it (else the legacy ModelPatcher);
 * ``cap``: the GPU limited to that many GiB, so ComfyUI offloads as on such a card
   (bench/comfy_env.py).
@@ -40,24 +41,20 @@ sys.path.insert(0, str(HERE))
 
 import comfy_env  # noqa: E402
 
-VARIANTS = {  # name -> (weights, compile, dynamic, cap GiB)
-    "bf16": ("bf16", False, False, None),
-    "fp8_fast": ("fp8_fast", False, False, None),
-    "ternary A16": ("a16", False, False, None),
-    "ternary A8": ("a8", False, False, None),
-    "bf16 +compile": ("bf16", True, False, None),
-    "fp8_fast +compile": ("fp8_fast", True, False, None),
-    "ternary A16 +compile": ("a16", True, False, None),
-    "ternary A8 +compile": ("a8", True, False, None),
-    "bf16 dynamic": ("bf16", False, True, None),
-    "fp8_fast dynamic": ("fp8_fast", False, True, None),
-    "ternary A8 dynamic": ("a8", False, True, None),
+WEIGHTS = {"bf16": "bf16", "fp8_fast": "fp8_fast", "ternary A16": "a16", "ternary A8": "a8"}
+VARIANTS = {  # name -> (weights, TorchCompileModel backend or None, dynamic, cap GiB)
+    **{name: (weights, None, False, None) for name, weights in WEIGHTS.items()},
+    **{f"{name} +compile": (w, "inductor", False, None) for name, w in WEIGHTS.items()},
+    **{f"{name} +cudagraphs": (w, "cudagraphs", False, None) for name, w in WEIGHTS.items()},
+    "bf16 dynamic": ("bf16", None, True, None),
+    "fp8_fast dynamic": ("fp8_fast", None, True, None),
+    "ternary A8 dynamic": ("a8", None, True, None),
 }
 for _cap in (8, 12, 16, 24):
     for _weights in ("bf16", "fp8_fast", "a8"):
         _name = {"a8": "ternary A8"}.get(_weights, _weights)
-        VARIANTS[f"{_name} {_cap}GB"] = (_weights, False, False, _cap)
-        VARIANTS[f"{_name} dynamic {_cap}GB"] = (_weights, False, True, _cap)
+        VARIANTS[f"{_name} {_cap}GB"] = (_weights, None, False, _cap)
+        VARIANTS[f"{_name} dynamic {_cap}GB"] = (_weights, None, True, _cap)
 
 CONFIGS = {  # name -> (FLUX preset, resolution, text tokens)
     "dev": ("dev", 1024, 256),
@@ -95,7 +92,7 @@ def make_files(work: Path, config: str, device: str, seed: int) -> tuple[Path, P
 
 def run_child(spec: dict) -> dict:
     """One variant in this process (called with --child)."""
-    weights, use_compile, dynamic, cap = VARIANTS[spec["variant"]]
+    weights, compile_backend, dynamic, cap = VARIANTS[spec["variant"]]
     mm, ballast = comfy_env.setup(spec["comfyui"], spec["device"], dynamic, cap)
     comfy_env.load_pack()
     import comfy.sample
@@ -115,10 +112,10 @@ def run_child(spec: dict) -> dict:
     else:
         model = load_ternary_patcher(spec["ternary"], act_bits=16 if weights == "a16" else 8)
     load_seconds = time.perf_counter() - start
-    if use_compile:
+    if compile_backend:
         from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-        model = TorchCompileModel.execute(model, "inductor").args[0]
+        model = TorchCompileModel.execute(model, compile_backend).args[0]
     _, resolution, tokens = CONFIGS[spec["config"]]
     gen = torch.Generator().manual_seed(spec["seed"])
     context = torch.randn(1, tokens, 4096, generator=gen)
@@ -140,7 +137,7 @@ def run_child(spec: dict) -> dict:
     result = {
         "variant": spec["variant"],
         "weights": weights,
-        "compile": use_compile,
+        "compile": compile_backend,
         "dynamic_vram": dynamic,
         "cap_gib": cap,
         "patcher": type(model).__name__,
@@ -254,6 +251,14 @@ def summarise(results: list[dict], work: Path) -> dict:
         "ternary A16 / bf16": ("ternary A16", "bf16"),
         "ternary A8 +compile / fp8_fast +compile": ("ternary A8 +compile", "fp8_fast +compile"),
         "ternary A16 +compile / bf16 +compile": ("ternary A16 +compile", "bf16 +compile"),
+        "ternary A8 +cudagraphs / fp8_fast +cudagraphs": (
+            "ternary A8 +cudagraphs",
+            "fp8_fast +cudagraphs",
+        ),
+        "ternary A16 +cudagraphs / bf16 +cudagraphs": (
+            "ternary A16 +cudagraphs",
+            "bf16 +cudagraphs",
+        ),
     }
     for cap in (8, 12, 16, 24):
         pairs[f"{cap}GB: fastest of bf16, fp8_fast / ternary A8"] = (
