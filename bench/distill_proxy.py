@@ -396,6 +396,13 @@ ABLATIONS = (
         min_lr_ratio=0.1,
     ),
     Distilled("distill: calibrated start, LoRA learning rate x2", "calibrated", lora_lr_factor=2),
+    Distilled(
+        "distill: calibrated start, LoRA learning rate x2 + warm-up 10 % + floor 0.1",
+        init="calibrated",
+        lora_lr_factor=2,
+        warmup_share=0.1,
+        min_lr_ratio=0.1,
+    ),
     Distilled("distill: svd start, scales frozen", init="svd", scale_lr=0.0),
     Distilled("distill: svd start, half the steps", init="svd", step_share=0.5),
 )
@@ -575,10 +582,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def ablation_variants(names: list[str] | None) -> tuple[Calibrated | Distilled, ...]:
+    """The ablations of these names (in the order of ABLATIONS); None: every one."""
+    if names is None:
+        return ABLATIONS
+    known = {variant.name for variant in ABLATIONS}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {sorted(known)}")
+    return tuple(variant for variant in ABLATIONS if variant.name in names)
+
+
 def run_proxy(
-    size_name: str, seed: int = 0, ablations: bool = False, device: str | None = None
+    size_name: str,
+    seed: int = 0,
+    ablations: bool = False,
+    device: str | None = None,
+    variants: list[str] | None = None,
 ) -> dict:
-    """The whole comparison; returns the JSON-ready result."""
+    """The whole comparison; returns the JSON-ready result. ``ablations`` adds every ablation,
+    ``variants`` only those of these names."""
     size = SIZES[size_name]
     device = torch.device(device or default_device())
     started = time.perf_counter()
@@ -589,7 +612,8 @@ def run_proxy(
         log(f"teacher: {rows['teacher']}\nplain ternary: {rows['plain ternary']}")
         for name, variant in MAIN.items():
             rows[name] = proxy.run(variant)
-        extra = {variant.name: proxy.run(variant) for variant in ABLATIONS} if ablations else {}
+        chosen = ablation_variants(None if ablations else variants or [])
+        extra = {variant.name: proxy.run(variant) for variant in chosen}
     for table in (rows, extra):
         for name in table:
             if name not in ("teacher", "plain ternary"):
@@ -692,6 +716,23 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_text(results: list[dict], held_out: set[int]) -> str:
+    """The summary of every seed; with ``held_out`` seeds first one table of the seeds the
+    recipes were chosen on, one of the held-out seeds (never looked at while choosing)."""
+    results = sorted(results, key=lambda r: r["seed"])
+    chosen = [r for r in results if r["seed"] not in held_out]
+    kept = [r for r in results if r["seed"] in held_out]
+    if not held_out or not chosen or not kept:
+        return summarize(results)
+    return "\n".join(
+        [
+            "## Seeds the recipes were chosen on", "", summarize(chosen),
+            "## Held-out seeds (not used for choosing)", "", summarize(kept),
+            "## All seeds", "", summarize(results),
+        ]
+    )  # fmt: skip
+
+
 def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -706,19 +747,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("distill_proxy_results"))
     parser.add_argument("--ablations", action="store_true", help="also run the ablations")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME",
+        help="also run the ablation of this name (repeatable; without --ablations)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument(
         "--summarize",
         action="store_true",
         help="only combine the seeds' JSON files of --size in --out into a summary table",
     )
+    parser.add_argument(
+        "--held-out",
+        default="",
+        metavar="SEEDS",
+        help="with --summarize: comma-separated seeds not used for choosing recipes, "
+        "summarized apart from the others",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    if args.variant and args.ablations:
+        parser.error("--variant picks ablations; --ablations already runs every one")
+    try:
+        ablation_variants(args.variant)
+    except ValueError as err:
+        parser.error(str(err))
     if args.summarize:
         files = sorted(args.out.glob(f"distill_proxy_{args.size}_seed*.json"))
         if not files:
             parser.error(f"no distill_proxy_{args.size}_seed*.json in {args.out}")
-        table = summarize([json.loads(f.read_text()) for f in files])
+        held_out = {int(seed) for seed in args.held_out.split(",") if seed.strip()}
+        table = summary_text([json.loads(f.read_text()) for f in files], held_out)
         write_atomically(args.out / f"distill_proxy_{args.size}_summary.md", table)
         print(table)
         return 0
@@ -726,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     for suffix in (".json", ".md"):
         if stem.with_suffix(suffix).exists() and not args.overwrite:
             parser.error(f"{stem.with_suffix(suffix)} exists; pass --overwrite to replace it")
-    result = run_proxy(args.size, args.seed, args.ablations, args.device)
+    result = run_proxy(args.size, args.seed, args.ablations, args.device, args.variant)
     table = markdown_table(result)
     write_atomically(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_atomically(stem.with_suffix(".md"), table)
