@@ -363,15 +363,17 @@ class Calibrated:
 
 @dataclass(frozen=True)
 class Distilled:
-    """A distillation variant: the CLI's student (``init``) and trainer, size defaults."""
+    """A distillation variant: the CLI's student (``init``) and trainer at the size's steps,
+    batch and learning rates. The rest of the schedule is the start's own recipe in the pack
+    (``distill.config.RECIPES``: what a config that leaves it open gets) unless set here."""
 
     name: str
     init: str = "svd"
     step_share: float = 1.0  # of the size's distill_steps
-    lora_lr_factor: float = 1.0  # times the size's lora_lr
     scale_lr: float | None = None
-    warmup_share: float = 0.0  # of the steps
-    min_lr_ratio: float = 0.0
+    lr_lora_factor: float | None = None  # the LoRA learns at the size's lora_lr times this
+    warmup_share: float | None = None  # of the steps
+    min_lr_ratio: float | None = None
 
 
 MAIN = {
@@ -389,19 +391,24 @@ ABLATIONS = (
     Distilled("distill: calibrated start, half the steps", init="calibrated", step_share=0.5),
     Distilled("distill: calibrated start, a quarter of the steps", "calibrated", 0.25),
     Distilled("distill: calibrated start, scales frozen", init="calibrated", scale_lr=0.0),
+    # The calibrated start's recipe (LoRA lr x2, warm-up 10 %, floor 0.1), one part at a time
     Distilled(
-        "distill: calibrated start, warm-up 10 % + floor 0.1",
+        "distill: calibrated start, the SVD start's recipe (LoRA lr x1, no warm-up, no floor)",
         init="calibrated",
-        warmup_share=0.1,
-        min_lr_ratio=0.1,
+        lr_lora_factor=1.0,
+        warmup_share=0.0,
+        min_lr_ratio=0.0,
     ),
-    Distilled("distill: calibrated start, LoRA learning rate x2", "calibrated", lora_lr_factor=2),
     Distilled(
-        "distill: calibrated start, LoRA learning rate x2 + warm-up 10 % + floor 0.1",
+        "distill: calibrated start, LoRA lr x1 (warm-up, floor kept)",
         init="calibrated",
-        lora_lr_factor=2,
-        warmup_share=0.1,
-        min_lr_ratio=0.1,
+        lr_lora_factor=1.0,
+    ),
+    Distilled(
+        "distill: calibrated start, no warm-up, no floor (LoRA lr x2 kept)",
+        init="calibrated",
+        warmup_share=0.0,
+        min_lr_ratio=0.0,
     ),
     Distilled("distill: svd start, scales frozen", init="svd", scale_lr=0.0),
     Distilled("distill: svd start, half the steps", init="svd", step_share=0.5),
@@ -498,7 +505,7 @@ class Proxy:
         """The distillation CLI's student (``init``) trained by ``train.distill``."""
         size = self.size
         steps = max(1, round(variant.step_share * size.distill_steps))
-        warmup = round(variant.warmup_share * steps)
+        warmup = None if variant.warmup_share is None else round(variant.warmup_share * steps)
         self._count += 1
         config = DistillConfig(
             model=str(self.teacher_file),
@@ -510,7 +517,8 @@ class Proxy:
             steps=steps,
             batch_size=size.distill_batch,
             micro_batch=size.distill_batch,
-            lr_lora=size.lora_lr * variant.lora_lr_factor,
+            lr_lora=size.lora_lr,
+            lr_lora_factor=variant.lr_lora_factor,
             lr_scale=size.scale_lr if variant.scale_lr is None else variant.scale_lr,
             warmup_steps=warmup,
             min_lr_ratio=variant.min_lr_ratio,
@@ -533,6 +541,12 @@ class Proxy:
         info = {
             "seconds": round(time.perf_counter() - started, 2),
             "steps": steps,
+            "schedule": {  # as the config resolved it
+                "lora_lr": config.lora_lr,
+                "scale_lr": config.lr_scale,
+                "warmup_steps": config.warmup_steps,
+                "min_lr_ratio": config.min_lr_ratio,
+            },
             # The first step shows what the start alone does, the last what training adds.
             "distill_loss": {"first_step": result.losses[0], "last_step": result.losses[-1]},
         }
