@@ -363,15 +363,17 @@ class Calibrated:
 
 @dataclass(frozen=True)
 class Distilled:
-    """A distillation variant: the CLI's student (``init``) and trainer, size defaults."""
+    """A distillation variant: the CLI's student (``init``) and trainer at the size's steps,
+    batch and learning rates. The rest of the schedule is the start's own recipe in the pack
+    (``distill.config.RECIPES``: what a config that leaves it open gets) unless set here."""
 
     name: str
     init: str = "svd"
     step_share: float = 1.0  # of the size's distill_steps
-    lora_lr_factor: float = 1.0  # times the size's lora_lr
     scale_lr: float | None = None
-    warmup_share: float = 0.0  # of the steps
-    min_lr_ratio: float = 0.0
+    lr_lora_factor: float | None = None  # the LoRA learns at the size's lora_lr times this
+    warmup_share: float | None = None  # of the steps
+    min_lr_ratio: float | None = None
 
 
 MAIN = {
@@ -389,13 +391,25 @@ ABLATIONS = (
     Distilled("distill: calibrated start, half the steps", init="calibrated", step_share=0.5),
     Distilled("distill: calibrated start, a quarter of the steps", "calibrated", 0.25),
     Distilled("distill: calibrated start, scales frozen", init="calibrated", scale_lr=0.0),
+    # The calibrated start's recipe (LoRA lr x2, warm-up 10 %, floor 0.1), one part at a time
     Distilled(
-        "distill: calibrated start, warm-up 10 % + floor 0.1",
+        "distill: calibrated start, the SVD start's recipe (LoRA lr x1, no warm-up, no floor)",
         init="calibrated",
-        warmup_share=0.1,
-        min_lr_ratio=0.1,
+        lr_lora_factor=1.0,
+        warmup_share=0.0,
+        min_lr_ratio=0.0,
     ),
-    Distilled("distill: calibrated start, LoRA learning rate x2", "calibrated", lora_lr_factor=2),
+    Distilled(
+        "distill: calibrated start, LoRA lr x1 (warm-up, floor kept)",
+        init="calibrated",
+        lr_lora_factor=1.0,
+    ),
+    Distilled(
+        "distill: calibrated start, no warm-up, no floor (LoRA lr x2 kept)",
+        init="calibrated",
+        warmup_share=0.0,
+        min_lr_ratio=0.0,
+    ),
     Distilled("distill: svd start, scales frozen", init="svd", scale_lr=0.0),
     Distilled("distill: svd start, half the steps", init="svd", step_share=0.5),
 )
@@ -491,7 +505,7 @@ class Proxy:
         """The distillation CLI's student (``init``) trained by ``train.distill``."""
         size = self.size
         steps = max(1, round(variant.step_share * size.distill_steps))
-        warmup = round(variant.warmup_share * steps)
+        warmup = None if variant.warmup_share is None else round(variant.warmup_share * steps)
         self._count += 1
         config = DistillConfig(
             model=str(self.teacher_file),
@@ -503,7 +517,8 @@ class Proxy:
             steps=steps,
             batch_size=size.distill_batch,
             micro_batch=size.distill_batch,
-            lr_lora=size.lora_lr * variant.lora_lr_factor,
+            lr_lora=size.lora_lr,
+            lr_lora_factor=variant.lr_lora_factor,
             lr_scale=size.scale_lr if variant.scale_lr is None else variant.scale_lr,
             warmup_steps=warmup,
             min_lr_ratio=variant.min_lr_ratio,
@@ -526,6 +541,12 @@ class Proxy:
         info = {
             "seconds": round(time.perf_counter() - started, 2),
             "steps": steps,
+            "schedule": {  # as the config resolved it
+                "lora_lr": config.lora_lr,
+                "scale_lr": config.lr_scale,
+                "warmup_steps": config.warmup_steps,
+                "min_lr_ratio": config.min_lr_ratio,
+            },
             # The first step shows what the start alone does, the last what training adds.
             "distill_loss": {"first_step": result.losses[0], "last_step": result.losses[-1]},
         }
@@ -575,10 +596,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def ablation_variants(names: list[str] | None) -> tuple[Calibrated | Distilled, ...]:
+    """The ablations of these names (in the order of ABLATIONS); None: every one."""
+    if names is None:
+        return ABLATIONS
+    known = {variant.name for variant in ABLATIONS}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {sorted(known)}")
+    return tuple(variant for variant in ABLATIONS if variant.name in names)
+
+
 def run_proxy(
-    size_name: str, seed: int = 0, ablations: bool = False, device: str | None = None
+    size_name: str,
+    seed: int = 0,
+    ablations: bool = False,
+    device: str | None = None,
+    variants: list[str] | None = None,
 ) -> dict:
-    """The whole comparison; returns the JSON-ready result."""
+    """The whole comparison; returns the JSON-ready result. ``ablations`` adds every ablation,
+    ``variants`` only those of these names."""
     size = SIZES[size_name]
     device = torch.device(device or default_device())
     started = time.perf_counter()
@@ -589,7 +626,8 @@ def run_proxy(
         log(f"teacher: {rows['teacher']}\nplain ternary: {rows['plain ternary']}")
         for name, variant in MAIN.items():
             rows[name] = proxy.run(variant)
-        extra = {variant.name: proxy.run(variant) for variant in ABLATIONS} if ablations else {}
+        chosen = ablation_variants(None if ablations else variants or [])
+        extra = {variant.name: proxy.run(variant) for variant in chosen}
     for table in (rows, extra):
         for name in table:
             if name not in ("teacher", "plain ternary"):
@@ -692,6 +730,23 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_text(results: list[dict], held_out: set[int]) -> str:
+    """The summary of every seed; with ``held_out`` seeds first one table of the seeds the
+    recipes were chosen on, one of the held-out seeds (never looked at while choosing)."""
+    results = sorted(results, key=lambda r: r["seed"])
+    chosen = [r for r in results if r["seed"] not in held_out]
+    kept = [r for r in results if r["seed"] in held_out]
+    if not held_out or not chosen or not kept:
+        return summarize(results)
+    return "\n".join(
+        [
+            "## Seeds the recipes were chosen on", "", summarize(chosen),
+            "## Held-out seeds (not used for choosing)", "", summarize(kept),
+            "## All seeds", "", summarize(results),
+        ]
+    )  # fmt: skip
+
+
 def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -706,19 +761,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("distill_proxy_results"))
     parser.add_argument("--ablations", action="store_true", help="also run the ablations")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME",
+        help="also run the ablation of this name (repeatable; without --ablations)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument(
         "--summarize",
         action="store_true",
         help="only combine the seeds' JSON files of --size in --out into a summary table",
     )
+    parser.add_argument(
+        "--held-out",
+        default="",
+        metavar="SEEDS",
+        help="with --summarize: comma-separated seeds not used for choosing recipes, "
+        "summarized apart from the others",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    if args.variant and args.ablations:
+        parser.error("--variant picks ablations; --ablations already runs every one")
+    try:
+        ablation_variants(args.variant)
+    except ValueError as err:
+        parser.error(str(err))
     if args.summarize:
         files = sorted(args.out.glob(f"distill_proxy_{args.size}_seed*.json"))
         if not files:
             parser.error(f"no distill_proxy_{args.size}_seed*.json in {args.out}")
-        table = summarize([json.loads(f.read_text()) for f in files])
+        held_out = {int(seed) for seed in args.held_out.split(",") if seed.strip()}
+        table = summary_text([json.loads(f.read_text()) for f in files], held_out)
         write_atomically(args.out / f"distill_proxy_{args.size}_summary.md", table)
         print(table)
         return 0
@@ -726,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     for suffix in (".json", ".md"):
         if stem.with_suffix(suffix).exists() and not args.overwrite:
             parser.error(f"{stem.with_suffix(suffix)} exists; pass --overwrite to replace it")
-    result = run_proxy(args.size, args.seed, args.ablations, args.device)
+    result = run_proxy(args.size, args.seed, args.ablations, args.device, args.variant)
     table = markdown_table(result)
     write_atomically(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_atomically(stem.with_suffix(".md"), table)

@@ -257,12 +257,12 @@ def _train(student, dataset, config, env, on_step, should_stop, log, progress) -
     groups = prepare_for_training(student)
     optimizer = torch.optim.AdamW(
         [
-            {"params": list(groups["lora"].values()), "lr": config.lr_lora},
+            {"params": list(groups["lora"].values()), "lr": config.lora_lr},
             {"params": list(groups["scale"].values()), "lr": config.lr_scale},
         ],
         weight_decay=config.weight_decay,
     )
-    base_lrs = [config.lr_lora, config.lr_scale]
+    base_lrs = [config.lora_lr, config.lr_scale]
     fingerprint = {**config.result_settings(), "data": dataset.fingerprint}
     resume = next((work / n for n in (CHECKPOINT, PREVIOUS) if (work / n).exists()), None)
     step = _load_checkpoint(resume, groups, optimizer, fingerprint) if resume else 0
@@ -300,7 +300,8 @@ def _train(student, dataset, config, env, on_step, should_stop, log, progress) -
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(
                 f"step {step + 1}: the loss is {mean_loss}: training diverged (lr_lora "
-                f"{config.lr_lora}, lr_scale {config.lr_scale}); stopped before the update, "
+                f"{config.lr_lora} x lr_lora_factor {config.lr_lora_factor}, lr_scale "
+                f"{config.lr_scale}); stopped before the update, "
                 f"{output} was not written. Lower the learning rates and start again in a "
                 "new work_dir"
             )

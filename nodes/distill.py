@@ -124,7 +124,9 @@ def _number_inputs() -> list:
             max=1.0,
             step=1e-5,
             round=False,
-            tooltip="Learning rate of the LoRA weights (AdamW, cosine schedule).",
+            tooltip="Learning rate of the LoRA weights (AdamW, cosine schedule). The "
+            "calibrated start trains them at twice it, with a warm-up over 10 % of the steps and "
+            "a floor of 0.1 under the cosine (its recipe in distill/config.py).",
         ),
         io.Float.Input(
             "lr_scale",
@@ -166,7 +168,8 @@ def _number_inputs() -> list:
             tooltip="How the student starts. svd: the scale rule's ternary values and a "
             "truncated SVD of the residual as LoRA. calibrated: values, scales and LoRA chosen "
             "for each layer's output on examples of the teacher data set (as Quantize Model "
-            "to Ternary with teacher_data): a far better start, the same training after it.",
+            "to Ternary with teacher_data): a far better start, trained with its own recipe "
+            "(see lr_lora).",
         ),
         io.Int.Input(
             "calibration_samples",

@@ -166,3 +166,37 @@ def test_teacher_training_is_deterministic():
     )
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
+
+
+def test_variant_picks_ablations_by_name_and_refuses_unknown_ones(capsys):
+    names = ["distill: svd start, half the steps", "PTQ: no LoRA (rank 0)"]
+    picked = distill_proxy.ablation_variants(names)
+    assert [v.name for v in picked] == ["PTQ: no LoRA (rank 0)", names[0]]  # ABLATIONS' order
+    assert distill_proxy.ablation_variants(None) == distill_proxy.ABLATIONS
+    assert distill_proxy.ablation_variants([]) == ()
+    with pytest.raises(SystemExit):
+        distill_proxy.main(["--size", "tiny", "--variant", "no such variant"])
+    assert "unknown variant(s) ['no such variant']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        distill_proxy.main(["--size", "tiny", "--ablations", "--variant", names[0]])
+
+
+def test_summary_keeps_held_out_seeds_apart():
+    def result(seed: int, share: float) -> dict:
+        rows = {n: {"velocity_mse": 0.1, "accuracy": 0.5, "frechet_distance": 9.0}
+                for n in distill_proxy.ROWS}  # fmt: skip
+        for name in distill_proxy.ROWS[2:]:
+            rows[name]["recovered_share"] = {"accuracy": share, "frechet_distance": 0.5}
+        return {"size": "small", "seed": seed, "rows": rows, "ablations": {}}
+
+    results = [result(3, 0.98), result(0, 0.9), result(1, 0.96), result(2, 0.97)]
+    text = distill_proxy.summary_text(results, held_out={2, 3})
+    chosen, held_out, every = text.split("## ")[1:]
+    assert chosen.startswith("Seeds the recipes were chosen on") and "seeds 0, 1:" in chosen
+    assert "| distilled from calibrated | 93.0 % [90.0, 96.0] |" in chosen
+    assert held_out.startswith("Held-out seeds") and "seeds 2, 3:" in held_out
+    assert "| distilled from calibrated | 97.5 % [97.0, 98.0] |" in held_out
+    assert "seeds 0, 1, 2, 3:" in every
+    assert distill_proxy.summary_text(results, set()) == distill_proxy.summarize(
+        sorted(results, key=lambda r: r["seed"])
+    )

@@ -236,6 +236,11 @@ def test_a_non_finite_trained_tensor_is_never_saved(workspace, tmp_path):
         ({"lora_rank": "-3"}, "lora_rank must be a int, got '-3'"),
         ({"lora_rank": -3}, "lora_rank must be at least 1, got -3"),
         ({"lora_rank": 4.0}, "lora_rank must be a int, got 4.0"),
+        ({"lr_lora_factor": float("nan")}, "lr_lora_factor must be a finite number, got nan"),
+        ({"lr_lora_factor": -1.0}, "lr_lora_factor must not be negative"),
+        ({"lr_lora_factor": "x2"}, "lr_lora_factor must be a float, got 'x2'"),
+        ({"lr_lora": 0.6, "init": "calibrated"}, r"lr_lora 0.6 x lr_lora_factor 2.0 is far too"),
+        ({"warmup_steps": 2.5}, "warmup_steps must be a int"),
     ],
 )
 def test_values_that_cannot_train_are_refused(workspace, change, message):
@@ -292,3 +297,51 @@ def test_a_second_run_on_the_same_work_folder_is_refused(workspace, tmp_path):
     assert any(f"locked by process {child.pid}, which is gone: taking it over" in m
                for m in messages)  # fmt: skip
     assert read_progress(tmp_path / "w")[0]["state"] == "finished"
+
+
+def test_the_calibrated_start_has_its_own_recipe():
+    """init = "calibrated" trains the LoRA at twice lr_lora, warms up over 10 % of the steps
+    and keeps a floor of 0.1 under the cosine (distill/config.py RECIPES, measured on the
+    quality proxy's held-out seeds); the SVD start trains as before. Set values win."""
+    from comfyui_ternary_flux.distill.config import RECIPES, StartRecipe
+
+    assert RECIPES["calibrated"] == StartRecipe(lr_lora_factor=2.0, warmup_share=0.1,
+                                                min_lr_ratio=0.1)  # fmt: skip
+    assert RECIPES["svd"] == StartRecipe(1.0, 0.0, 0.0)
+    paths = {"model": "m.safetensors", "data": "d", "output": "o.safetensors"}
+    calibrated = DistillConfig(**paths, init="calibrated", steps=400)
+    assert (calibrated.lr_lora_factor, calibrated.warmup_steps, calibrated.min_lr_ratio) == (
+        2.0, 40, 0.1,
+    )  # fmt: skip
+    assert calibrated.lr_lora == 1e-4 and calibrated.lora_lr == 2e-4
+    assert calibrated.result_settings()["lr_lora_factor"] == 2.0
+    svd = DistillConfig(**paths, steps=400)
+    assert (svd.lr_lora_factor, svd.warmup_steps, svd.min_lr_ratio, svd.lora_lr) == (
+        1.0, 0, 0.0, 1e-4,
+    )  # fmt: skip
+    assert "lr_lora_factor" not in svd.result_settings()  # old runs resume as before
+    own = DistillConfig(**paths, init="calibrated", steps=400, lr_lora_factor=1.0,
+                        warmup_steps=0, min_lr_ratio=0.0)  # fmt: skip
+    assert (own.lora_lr, own.warmup_steps, own.min_lr_ratio) == (1e-4, 0, 0.0)
+    # A config holds the numbers (what Distill Job writes for torchrun reads back the same)
+    again = DistillConfig.from_dict(calibrated.as_dict())
+    assert again == calibrated and again.as_dict()["warmup_steps"] == 40
+    assert DistillConfig.from_dict({**paths, "init": "calibrated", "min_lr_ratio": None}) == (
+        DistillConfig(**paths, init="calibrated")
+    )
+
+
+def test_the_optimizer_follows_the_recipe(workspace, tmp_path):
+    """What the trainer does with the calibrated start's recipe: LoRA at lr_lora x 2, a
+    1-step warm-up (10 % of 10), the cosine down to 0.1 of it; the scales share the schedule."""
+    config = tiny_config(
+        workspace, output=tmp_path / "out.safetensors", work_dir=tmp_path / "work",
+        steps=10, checkpoint_every=10, lr_lora=1e-3, lr_scale=4e-3, init="calibrated",
+        calibration_samples=8,
+    )  # fmt: skip
+    run(config)  # (the start is the SVD one here: the schedule is what is checked)
+    _, steps = read_progress(tmp_path / "work")
+    assert steps[0]["lr_lora"] == pytest.approx(2e-3 / 2)  # warm-up step 1 of 1
+    assert steps[1]["lr_lora"] == pytest.approx(2e-3)
+    assert steps[-1]["lr_lora"] == pytest.approx(2e-3 * 0.1)
+    assert steps[-1]["lr_scale"] == pytest.approx(4e-3 * 0.1)

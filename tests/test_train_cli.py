@@ -152,3 +152,21 @@ def test_teacher_and_distill_refuse_other_families_by_name(tmp_path, capsys):
         assert main(["distill", str(tmp_path / "d.json")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_distill_command_trains_the_calibrated_start_with_its_recipe(distill_job):
+    """A config that names only init = "calibrated" gets the start's recipe from
+    distill/config.py (LoRA lr x2, warm-up 10 %, floor 0.1), as the quality proxy measured."""
+    tmp, _ = distill_job
+    config = {"model": "teacher.safetensors", "data": "data", "output": "cal.safetensors",
+              "init": "calibrated", "calibration_samples": 8, "lora_rank": 2, "steps": 10,
+              "batch_size": 2, "checkpoint_every": 10, "lr_lora": 1e-3, "lr_scale": 1e-3,
+              "gradient_checkpointing": False, "device": "cpu"}  # fmt: skip
+    (tmp / "cal.json").write_text(json.dumps(config))
+    assert main(["distill", str(tmp / "cal.json")]) == 0
+    assert load_ternary_file(tmp / "cal.safetensors").metadata["init"] == "calibrated"
+    status, steps = read_progress(tmp / "cal.safetensors.work")
+    assert status["state"] == "finished" and len(steps) == 10
+    lora = [s["lr_lora"] for s in steps]
+    assert lora[0] == pytest.approx(1e-3) and lora[1] == pytest.approx(2e-3)  # warm-up 1 step
+    assert lora[-1] == pytest.approx(2e-4)  # the floor: 0.1 of 2 x lr_lora

@@ -3,6 +3,7 @@ in-process distillation to a loadable ternary MODEL, interrupt + resume, and job
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -180,3 +181,34 @@ def test_distill_job_runs_in_the_background_and_status_follows_it(comfy_dirs):
     assert status.get("state") == "finished", log[-2000:]
     text, loss_map = nodes.JobStatus.execute(job="bg").args
     assert "finished, step 4/4" in text and len(loss_map["loss"]) == 4
+
+
+def test_the_calibrated_start_trains_with_its_recipe_from_both_nodes(comfy_dirs, monkeypatch):
+    """init = "calibrated" in Distill Ternary and Distill Job gets the recipe of
+    distill/config.py (LoRA lr x2, warm-up 10 % of the steps, floor 0.1), as the proxy."""
+    model = tiny_model()
+    build(model)
+    numbers = {**NUMBERS, "steps": 10, "checkpoint_every": 10, "init": "calibrated",
+               "calibration_samples": 4}  # fmt: skip
+    nodes.DistillTernary.execute(
+        model=model, dataset="tiny", name="cal", gradient_checkpointing=False, **numbers
+    )
+    _, steps = nodes.read_progress(nodes.job_dir("cal"))
+    lora = [s["lr_lora"] for s in steps]
+    assert lora[0] == pytest.approx(1e-3) and lora[1] == pytest.approx(2e-3)  # 1 warm-up step
+    assert lora[-1] == pytest.approx(2e-4)  # NUMBERS' lr_lora 1e-3, x2, floor 0.1
+
+    (comfy_dirs / "dm").mkdir()
+    (comfy_dirs / "dm" / "tiny.safetensors").write_bytes(b"")
+    folder_paths.add_model_folder_path("diffusion_models", str(comfy_dirs / "dm"), is_default=True)
+    monkeypatch.setattr(
+        nodes.subprocess, "Popen", lambda command, **kwargs: type("P", (), {"pid": 1})
+    )
+    nodes.DistillJob.execute(
+        model_file="tiny.safetensors", dataset="tiny", name="caljob", gpus=1, **numbers
+    )
+    written = json.loads((nodes.job_dir("caljob") / "config.json").read_text())
+    assert written["init"] == "calibrated" and written["lr_lora"] == 1e-3
+    assert (written["lr_lora_factor"], written["warmup_steps"], written["min_lr_ratio"]) == (
+        2.0, 1, 0.1,
+    )  # fmt: skip
