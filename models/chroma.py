@@ -25,10 +25,11 @@ Chroma Radiance (pixel space, ``nerf_blocks``) is a different model and not supp
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .family import (
     Family,
+    FluxLikeConfig,
     ModelFamilyError,
     Shapes,
     TextConditioning,
@@ -66,7 +67,7 @@ def is_block_linear(module_name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class ChromaConfig:
+class ChromaConfig(FluxLikeConfig):
     """The shape of a Chroma model (ComfyUI fixes the approximator at 5120 / 5 layers)."""
 
     hidden_size: int = 3072
@@ -78,13 +79,6 @@ class ChromaConfig:
     mlp_ratio: float = 4.0
     approximator_hidden: int = 5120
     approximator_layers: int = 5
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 CHROMA = ChromaConfig()
@@ -137,7 +131,7 @@ def detect_config(shapes: Shapes) -> ChromaConfig:
 def chroma_shapes(config: ChromaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Chroma model of this config: {BFL key: shape}, in ComfyUI's module
     order."""
-    h, mlp, head = config.hidden_size, config.mlp_hidden, config.hidden_size // config.num_heads
+    h, mlp, head = config.hidden_size, config.mlp_hidden, config.head_dim
     a = config.approximator_hidden
     shapes: dict[str, tuple[int, ...]] = {}
 

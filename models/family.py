@@ -5,7 +5,7 @@ models/registry.py."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -159,6 +159,26 @@ KEY_NORM = (
     "double_blocks.0.img_attn.norm.key_norm.scale",
     "double_blocks.0.img_attn.norm.key_norm.weight",
 )
+
+
+class FluxLikeConfig:
+    """What a FLUX-like configuration (a frozen dataclass of the family, with ``hidden_size``,
+    ``num_heads`` and ``mlp_ratio``) derives from its fields, the same in every family."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def flux_layout(

@@ -11,12 +11,13 @@ included (99.44 % of FLUX.1-dev's parameters, 99.52 % of schnell's)."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .family import (
     Family,
+    FluxLikeConfig,
     ModelFamilyError,
     Shapes,
     TextConditioning,
@@ -52,7 +53,7 @@ def is_block_linear(module_name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(FluxLikeConfig):
     """The shape of a FLUX.1 model, as ComfyUI's detection reads it from the weights."""
 
     hidden_size: int = 3072
@@ -64,13 +65,6 @@ class FluxConfig:
     vec_in_dim: int = 768
     mlp_ratio: float = 4.0
     guidance_embed: bool = True
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 FLUX_DEV = FluxConfig()
@@ -119,7 +113,7 @@ def detect_config(shapes: Shapes) -> FluxConfig:
 
 def flux_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a FLUX.1 model of this config: {BFL key: shape}."""
-    h, mlp, head = config.hidden_size, config.mlp_hidden, config.hidden_size // config.num_heads
+    h, mlp, head = config.hidden_size, config.mlp_hidden, config.head_dim
     shapes: dict[str, tuple[int, ...]] = {}
 
     def linear(name: str, n_out: int, n_in: int) -> None:

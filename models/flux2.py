@@ -25,10 +25,11 @@ them from the weights, so any size with a head of 128 loads.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .family import (
     Family,
+    FluxLikeConfig,
     ModelFamilyError,
     Shapes,
     TextConditioning,
@@ -69,7 +70,7 @@ def is_ternary(module_name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Flux2Config:
+class Flux2Config(FluxLikeConfig):
     """The shape of a FLUX.2 model, as ComfyUI's detection reads it from the weights."""
 
     hidden_size: int = 6144
@@ -80,13 +81,6 @@ class Flux2Config:
     context_in_dim: int = 15360  # Mistral-Small-3 24B: 3 hidden states of 5120
     mlp_ratio: float = 3.0
     guidance_embed: bool = True
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 FLUX2_DEV = Flux2Config()
@@ -130,7 +124,7 @@ def detect_config(shapes: Shapes) -> Flux2Config:
 def flux2_shapes(config: Flux2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of a FLUX.2 model of this config: {BFL key: shape}, in ComfyUI's module
     order. No linear has a bias."""
-    h, mlp, head = config.hidden_size, config.mlp_hidden, config.hidden_size // config.num_heads
+    h, mlp, head = config.hidden_size, config.mlp_hidden, config.head_dim
     shapes: dict[str, tuple[int, ...]] = {}
 
     def linear(name: str, n_out: int, n_in: int) -> None:
