@@ -36,7 +36,7 @@ from .family import (
     add_linear,
     block_indices,
     check_shapes,
-    flux_layout,
+    flux_dimensions,
 )
 
 APPROXIMATOR = "distilled_guidance_layer"
@@ -99,31 +99,18 @@ def claims(shapes: Shapes) -> bool:
 def detect_config(shapes: Shapes) -> ChromaConfig:
     """Read a ChromaConfig from {key: logical shape}; raise NotChromaError naming what is
     missing or of the wrong shape."""
-    head_dim, depth, singles = flux_layout(shapes, "Chroma", _REQUIRED, NotChromaError)
-    try:
-        hidden, in_channels = shapes["img_in.weight"]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        context_in_dim = shapes["txt_in.weight"][1]
-        approximator_hidden = shapes[f"{APPROXIMATOR}.in_proj.weight"][0]
-    except (ValueError, IndexError):
-        raise NotChromaError("not a Chroma model: its embedders have odd shapes") from None
-    try:
-        layers = block_indices(shapes, f"{APPROXIMATOR}.layers", "distilled guidance layer")
-    except ModelFamilyError as err:
-        raise NotChromaError(str(err)) from None
-    if head_dim < 1 or hidden % head_dim:
-        raise NotChromaError(f"not a Chroma model: hidden size {hidden} and head size {head_dim}")
-    config = ChromaConfig(
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=singles,
-        in_channels=in_channels,
-        context_in_dim=context_in_dim,
-        mlp_ratio=mlp_hidden / hidden,
-        approximator_hidden=approximator_hidden,
-        approximator_layers=layers,
+    dimensions = flux_dimensions(
+        shapes,
+        "Chroma",
+        _REQUIRED,
+        NotChromaError,
+        mlp=("double_blocks.0.img_mlp.0.weight", 0),
+        widths={"approximator_hidden": (f"{APPROXIMATOR}.in_proj.weight", 0)},
     )
+    layers = block_indices(
+        shapes, f"{APPROXIMATOR}.layers", "distilled guidance layer", NotChromaError
+    )
+    config = ChromaConfig(**dimensions, approximator_layers=layers)
     check_shapes(chroma_shapes(config), shapes, "Chroma", NotChromaError)
     return config
 

@@ -23,7 +23,7 @@ from .family import (
     TextConditioning,
     add_linear,
     check_shapes,
-    flux_layout,
+    flux_dimensions,
     random_weights,
 )
 
@@ -86,27 +86,15 @@ def detect_config(shapes: Shapes) -> FluxConfig:
     Keys must be in BFL / ComfyUI names without a checkpoint prefix; shapes must be logical
     ([out, in] for linears).
     """
-    head_dim, depth, singles = flux_layout(shapes, "FLUX.1", _REQUIRED, NotFluxError)
-    try:
-        hidden, in_channels = shapes["img_in.weight"]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        context_in_dim = shapes["txt_in.weight"][1]
-        vec_in_dim = shapes["vector_in.in_layer.weight"][1]
-    except (ValueError, IndexError):
-        raise NotFluxError("not a FLUX.1 diffusion model: its embedders have odd shapes") from None
-    if head_dim < 1 or hidden % head_dim:
-        raise NotFluxError(f"not a FLUX.1 model: hidden size {hidden} and head size {head_dim}")
-    config = FluxConfig(
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=singles,
-        in_channels=in_channels,
-        context_in_dim=context_in_dim,
-        vec_in_dim=vec_in_dim,
-        mlp_ratio=mlp_hidden / hidden,
-        guidance_embed="guidance_in.in_layer.weight" in shapes,
+    dimensions = flux_dimensions(
+        shapes,
+        "FLUX.1",
+        _REQUIRED,
+        NotFluxError,
+        mlp=("double_blocks.0.img_mlp.0.weight", 0),
+        widths={"vec_in_dim": ("vector_in.in_layer.weight", 1)},
     )
+    config = FluxConfig(**dimensions, guidance_embed="guidance_in.in_layer.weight" in shapes)
     check_shapes(flux_shapes(config), shapes, "FLUX.1", NotFluxError)
     return config
 

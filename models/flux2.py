@@ -35,7 +35,7 @@ from .family import (
     TextConditioning,
     add_linear,
     check_shapes,
-    flux_layout,
+    flux_dimensions,
 )
 
 GLOBAL_MODULATION = (
@@ -98,25 +98,10 @@ def claims(shapes: Shapes) -> bool:
 def detect_config(shapes: Shapes) -> Flux2Config:
     """Read a Flux2Config from {key: logical shape}; raise NotFlux2Error naming what is
     missing or of the wrong shape."""
-    head_dim, depth, singles = flux_layout(shapes, "FLUX.2", _REQUIRED, NotFlux2Error)
-    try:
-        hidden, in_channels = shapes["img_in.weight"]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.2.weight"][1]
-        context_in_dim = shapes["txt_in.weight"][1]
-    except (KeyError, ValueError, IndexError):
-        raise NotFlux2Error("not a FLUX.2 diffusion model: its embedders have odd shapes") from None
-    if head_dim < 1 or hidden % head_dim:
-        raise NotFlux2Error(f"not a FLUX.2 model: hidden size {hidden} and head size {head_dim}")
-    config = Flux2Config(
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=singles,
-        in_channels=in_channels,
-        context_in_dim=context_in_dim,
-        mlp_ratio=mlp_hidden / hidden,
-        guidance_embed="guidance_in.in_layer.weight" in shapes,
+    dimensions = flux_dimensions(
+        shapes, "FLUX.2", _REQUIRED, NotFlux2Error, mlp=("double_blocks.0.img_mlp.2.weight", 1)
     )
+    config = Flux2Config(**dimensions, guidance_embed="guidance_in.in_layer.weight" in shapes)
     check_shapes(flux2_shapes(config), shapes, "FLUX.2", NotFlux2Error)
     return config
 
