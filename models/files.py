@@ -76,6 +76,7 @@ def dense_tensors(reader: MmapReader) -> tuple[Shapes, Callable[[str], torch.Ten
 
 
 def logical(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of {key: (dtype, shape)}: what family detection reads."""
     return {k: s for k, (_, s) in shapes.items()}
 
 
