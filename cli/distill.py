@@ -1,16 +1,17 @@
 """``teacher`` and ``distill`` subcommands (work alone or under ``torchrun --nproc-per-node N``).
 
 ``model`` in either config is a dense FLUX safetensors file (BFL names), or
-``random:tiny:SEED`` / ``random:dev:SEED`` for a FLUX-architecture model with seeded random
-weights (tests, benchmarks). The command-line teacher encodes prompts with a seeded stand-in
-encoder (no text encoders outside ComfyUI): real teacher data comes from the Build Teacher
-Dataset node.
+``random:PRESET:SEED`` (a FLUX.1 preset of models/registry.py: ``random:tiny:3``,
+``random:dev:0``; no SEED: 0) for a FLUX.1 model with seeded random weights (tests,
+benchmarks). The command-line teacher encodes prompts with a seeded stand-in encoder (no
+text encoders outside ComfyUI): real teacher data comes from the Build Teacher Dataset node.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,34 +28,46 @@ from ..distill.teacher import (
     model_velocity_fn,
 )
 from ..distill.train import check_run, compute_dtype, distill
-from ..models.files import dense_tensors as file_tensors
-from ..models.flux1 import FLUX_DEV, TINY_FLUX, random_flux_state_dict
+from ..models.family import ModelFamilyError, random_weights
+from ..models.files import dense_tensors, logical
+from ..models.flux1 import FAMILY as FLUX1
 from ..models.flux1_torch import flux_from_state_dict
+from ..models.registry import random_spec
 from ..ternary.fileformat import MmapReader
 
-RANDOM_PRESETS = {"tiny": TINY_FLUX, "dev": FLUX_DEV}
 TEACHER_KEYS = ("model", "output", "prompts", "prompt_count", "prompt_seed", "device", "dtype")
 
 
-def random_source(spec: str, device) -> dict[str, torch.Tensor] | None:
-    """The state dict of ``random:<tiny|dev>:<seed>``, or None for a file path."""
+def random_state_dict(spec: str, device: torch.device | str) -> dict[str, torch.Tensor] | None:
+    """The state dict of ``random:PRESET:SEED``, read as the registry's ``flux:PRESET:SEED``,
+    or None for a file path."""
     if not spec.startswith("random:"):
         return None
-    parts = spec.split(":")
-    if len(parts) != 3 or parts[1] not in RANDOM_PRESETS or not parts[2].isdigit():
-        raise DistillConfigError(f"model {spec!r}: expected random:tiny:SEED or random:dev:SEED")
-    return random_flux_state_dict(RANDOM_PRESETS[parts[1]], int(parts[2]), device=device)
+    try:
+        family, _, config, seed = random_spec(f"{FLUX1.name}:{spec.removeprefix('random:')}")
+    except ModelFamilyError:
+        raise DistillConfigError(
+            f"model {spec!r}: expected random:PRESET:SEED with a FLUX.1 preset "
+            f"({', '.join(FLUX1.presets)}), e.g. random:tiny:3"
+        ) from None
+    return random_weights(family.shapes(config), seed, device=device)
 
 
-def dense_tensors(spec: str, device) -> tuple[dict, Callable[[str], torch.Tensor]]:
-    """(shapes, get) of a dense model spec; ``get`` reads a file lazily."""
-    state = random_source(spec, device)
+@contextmanager
+def model_tensors(
+    spec: str, device: torch.device | str
+) -> Iterator[tuple[dict, Callable[[str], torch.Tensor]]]:
+    """(shapes, get) of a dense model spec, for a ``with`` block: ``get`` reads a file
+    lazily, and the file is closed when the block ends."""
+    state = random_state_dict(spec, device)
     if state is not None:
-        return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
+        yield {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
+        return
     if not Path(spec).is_file():
         raise FileNotFoundError(f"model file not found: {spec}")
-    shapes, get = file_tensors(MmapReader(spec))  # stays open for as long as ``get`` lives
-    return {k: s for k, (_, s) in shapes.items()}, get
+    with MmapReader(spec) as reader:
+        shapes, get = dense_tensors(reader)
+        yield logical(shapes), get
 
 
 def teacher_prompts(values: dict, base: Path) -> list[str]:
@@ -81,9 +94,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         model_spec = values["model"]
         if not model_spec.startswith("random:"):
             model_spec = str(base / model_spec)
-        shapes, get = dense_tensors(model_spec, env.device)
-        distillable(shapes)  # FLUX.1 only: other families are refused by name
-        teacher = flux_from_state_dict({k: get(k) for k in shapes}, dtype, env.device).eval()
+        with model_tensors(model_spec, env.device) as (shapes, get):
+            distillable(shapes)  # FLUX.1 only: other families are refused by name
+            teacher = flux_from_state_dict({k: get(k) for k in shapes}, dtype, env.device).eval()
         context_dim = shapes["txt_in.weight"][1]
         encode = hashed_prompt_encoder(context_dim=context_dim)
         build_teacher_dataset(
@@ -117,11 +130,11 @@ def build_student(
             config.model, config.lora_rank, config.scale_rule, dtype, env.device,
             config.gradient_checkpointing, calibration,
         )  # fmt: skip
-    shapes, get = dense_tensors(config.model, env.device)
-    return student_from_tensors(
-        shapes, get, config.lora_rank, config.scale_rule, dtype, env.device,
-        config.gradient_checkpointing, calibration,
-    )  # fmt: skip
+    with model_tensors(config.model, env.device) as (shapes, get):
+        return student_from_tensors(
+            shapes, get, config.lora_rank, config.scale_rule, dtype, env.device,
+            config.gradient_checkpointing, calibration,
+        )  # fmt: skip
 
 
 def run_distill(config: DistillConfig, env: DistEnv) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models import flux1
 from ..models.family import ModelFamilyError
-from ..models.files import dense_tensors, load_ternary_model
+from ..models.files import dense_tensors, load_ternary_model, logical
 from ..models.flux1 import FluxConfig, is_block_linear
 from ..models.flux1_calibrate import Calibration, FluxCalibrator
 from ..models.flux1_torch import FluxTransformer, ternary_flux_from_state_dict
@@ -50,7 +50,7 @@ def refuse_other_families(reader: MmapReader) -> None:
             raise ModelFamilyError(refusal(family_named(architecture).title))
         return
     shapes, _ = dense_tensors(reader)
-    distillable({key: shape for key, (_, shape) in shapes.items()})
+    distillable(logical(shapes))
 
 
 def student_from_tensors(
@@ -120,15 +120,9 @@ def load_student(
         if reader.metadata.get("format") != FORMAT_NAME:
             shapes, get = dense_tensors(reader)
             return student_from_tensors(
-                {k: s for k, (_, s) in shapes.items()},
-                get,
-                lora_rank,
-                scale_rule,
-                dtype,
-                device,
-                gradient_checkpointing,
-                calibration,
-            )
+                logical(shapes), get, lora_rank, scale_rule, dtype, device,
+                gradient_checkpointing, calibration,
+            )  # fmt: skip
     if calibration is not None:
         raise ValueError(
             f'{path} is already ternary: init = "calibrated" quantizes a dense model; '

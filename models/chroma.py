@@ -25,17 +25,18 @@ Chroma Radiance (pixel space, ``nerf_blocks``) is a different model and not supp
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .family import (
     Family,
+    FluxLikeConfig,
     ModelFamilyError,
     Shapes,
     TextConditioning,
     add_linear,
     block_indices,
     check_shapes,
-    flux_layout,
+    flux_dimensions,
 )
 
 APPROXIMATOR = "distilled_guidance_layer"
@@ -66,7 +67,7 @@ def is_block_linear(module_name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class ChromaConfig:
+class ChromaConfig(FluxLikeConfig):
     """The shape of a Chroma model (ComfyUI fixes the approximator at 5120 / 5 layers)."""
 
     hidden_size: int = 3072
@@ -78,13 +79,6 @@ class ChromaConfig:
     mlp_ratio: float = 4.0
     approximator_hidden: int = 5120
     approximator_layers: int = 5
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 CHROMA = ChromaConfig()
@@ -105,31 +99,18 @@ def claims(shapes: Shapes) -> bool:
 def detect_config(shapes: Shapes) -> ChromaConfig:
     """Read a ChromaConfig from {key: logical shape}; raise NotChromaError naming what is
     missing or of the wrong shape."""
-    head_dim, depth, singles = flux_layout(shapes, "Chroma", _REQUIRED, NotChromaError)
-    try:
-        hidden, in_channels = shapes["img_in.weight"]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        context_in_dim = shapes["txt_in.weight"][1]
-        approximator_hidden = shapes[f"{APPROXIMATOR}.in_proj.weight"][0]
-    except (ValueError, IndexError):
-        raise NotChromaError("not a Chroma model: its embedders have odd shapes") from None
-    try:
-        layers = block_indices(shapes, f"{APPROXIMATOR}.layers", "distilled guidance layer")
-    except ModelFamilyError as err:
-        raise NotChromaError(str(err)) from None
-    if head_dim < 1 or hidden % head_dim:
-        raise NotChromaError(f"not a Chroma model: hidden size {hidden} and head size {head_dim}")
-    config = ChromaConfig(
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=singles,
-        in_channels=in_channels,
-        context_in_dim=context_in_dim,
-        mlp_ratio=mlp_hidden / hidden,
-        approximator_hidden=approximator_hidden,
-        approximator_layers=layers,
+    dimensions = flux_dimensions(
+        shapes,
+        "Chroma",
+        _REQUIRED,
+        NotChromaError,
+        mlp=("double_blocks.0.img_mlp.0.weight", 0),
+        widths={"approximator_hidden": (f"{APPROXIMATOR}.in_proj.weight", 0)},
     )
+    layers = block_indices(
+        shapes, f"{APPROXIMATOR}.layers", "distilled guidance layer", NotChromaError
+    )
+    config = ChromaConfig(**dimensions, approximator_layers=layers)
     check_shapes(chroma_shapes(config), shapes, "Chroma", NotChromaError)
     return config
 
@@ -137,7 +118,7 @@ def detect_config(shapes: Shapes) -> ChromaConfig:
 def chroma_shapes(config: ChromaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Chroma model of this config: {BFL key: shape}, in ComfyUI's module
     order."""
-    h, mlp, head = config.hidden_size, config.mlp_hidden, config.hidden_size // config.num_heads
+    h, mlp, head = config.hidden_size, config.mlp_hidden, config.head_dim
     a = config.approximator_hidden
     shapes: dict[str, tuple[int, ...]] = {}
 

@@ -1,11 +1,11 @@
 """What the pack needs to know of a model family: the :class:`Family` record, and helpers
-the family modules share (random weights, block counting). The list of families is in
-models/registry.py."""
+the family modules share (random weights, FLUX-like configurations read from shapes). The
+list of families is in models/registry.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -161,14 +161,39 @@ KEY_NORM = (
 )
 
 
-def flux_layout(
+class FluxLikeConfig:
+    """What a FLUX-like configuration (a frozen dataclass of the family, with ``hidden_size``,
+    ``num_heads`` and ``mlp_ratio``) derives from its fields, the same in every family."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def flux_dimensions(
     shapes: Shapes,
     title: str,
     required: tuple[str, ...],
-    error: type[ModelFamilyError] = ModelFamilyError,
-) -> tuple[int, int, int]:
-    """(head size, double blocks, single blocks) of a FLUX-like transformer (double and
-    single blocks with q / k RMSNorms), raising ``error`` that names the missing keys."""
+    error: type[ModelFamilyError],
+    mlp: tuple[str, int],
+    widths: Mapping[str, tuple[str, int]] | None = None,
+) -> dict[str, Any]:
+    """The fields every FLUX-like configuration reads from its shapes (double and single
+    blocks with q / k RMSNorms, ``img_in`` and ``txt_in`` embedders): hidden size, heads,
+    block counts, latent and text widths, MLP ratio (the MLP width is ``shapes[mlp[0]]``
+    along axis ``mlp[1]``), and the family's own ``widths`` ({field: (key, axis)}).
+    Raises ``error`` naming the missing keys or what does not fit."""
     missing = [k for k in required if k not in shapes]
     key_norm = next((k for k in KEY_NORM if k in shapes), None)
     if key_norm is None:
@@ -181,16 +206,34 @@ def flux_layout(
         )
     if len(shapes[key_norm]) != 1:
         raise error(f"not a {title} diffusion model: {key_norm} is not a vector")
+    depth = block_indices(shapes, "double_blocks", "double", error)
+    singles = block_indices(shapes, "single_blocks", "single", error)
+    head_dim = shapes[key_norm][0]
     try:
-        depth = block_indices(shapes, "double_blocks", "double")
-        singles = block_indices(shapes, "single_blocks", "single")
-    except ModelFamilyError as err:
-        raise error(str(err)) from None
-    return shapes[key_norm][0], depth, singles
+        hidden, in_channels = shapes["img_in.weight"]
+        mlp_hidden = shapes[mlp[0]][mlp[1]]
+        context_in_dim = shapes["txt_in.weight"][1]
+        own = {name: shapes[key][axis] for name, (key, axis) in (widths or {}).items()}
+    except (KeyError, ValueError, IndexError):
+        raise error(f"not a {title} diffusion model: its embedders have odd shapes") from None
+    if head_dim < 1 or hidden % head_dim:
+        raise error(f"not a {title} model: hidden size {hidden} and head size {head_dim}")
+    return dict(
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=depth,
+        depth_single_blocks=singles,
+        in_channels=in_channels,
+        context_in_dim=context_in_dim,
+        mlp_ratio=mlp_hidden / hidden,
+        **own,
+    )
 
 
-def block_indices(shapes: Shapes, prefix: str, kind: str) -> int:
-    """How many blocks ``prefix.<i>.`` the keys hold, checking that none is missing.
+def block_indices(
+    shapes: Shapes, prefix: str, kind: str, error: type[ModelFamilyError] = ModelFamilyError
+) -> int:
+    """How many blocks ``prefix.<i>.`` the keys hold, raising ``error`` if one is missing.
 
     Bounded by the number of keys, whatever indices a (damaged) file claims.
     """
@@ -199,10 +242,10 @@ def block_indices(shapes: Shapes, prefix: str, kind: str) -> int:
         if key.startswith(f"{prefix}."):
             index = key[len(prefix) + 1 :].split(".")[0]
             if not (index.isascii() and index.isdigit()):
-                raise ModelFamilyError(f"{key}: block index {index!r} is not a number")
+                raise error(f"{key}: block index {index!r} is not a number")
             found.add(int(index))
     count = len(found)
     if found and max(found) != count - 1:
         gaps = [i for i in range(min(max(found), count + 4)) if i not in found][:4]
-        raise ModelFamilyError(f"not a complete model: {kind} blocks {gaps} are missing")
+        raise error(f"not a complete model: {kind} blocks {gaps} are missing")
     return count

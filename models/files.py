@@ -76,6 +76,7 @@ def dense_tensors(reader: MmapReader) -> tuple[Shapes, Callable[[str], torch.Ten
 
 
 def logical(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of {key: (dtype, shape)}: what family detection reads."""
     return {k: s for k, (_, s) in shapes.items()}
 
 
@@ -139,13 +140,43 @@ def ternary_layers(family: Family, shapes: Shapes, lora_rank: int) -> dict[str, 
 
 
 class _Quantizer:
-    """make_layer for the conversion loop: the one per-layer quantizer, errors reported; with
-    a calibrator, the layers it quantized with their calibration Hessians."""
+    """make_layer for the conversion loop, set up from a dense source as both quantizers
+    (in memory, streamed) need it: the source's family, the layers that become ternary, the
+    report counting the source, the header of the result stored in ``stored_packing`` and
+    the calibrator of ``calibration`` (made last: it embeds the examples). Each layer goes
+    through the one per-layer quantizer, errors reported; with a calibrator, the layers it
+    quantized with their calibration Hessians."""
 
-    def __init__(self, report, lora_rank, scale_rule, packing, device, calibrator=None) -> None:
-        self.report, self.lora_rank, self.scale_rule = report, lora_rank, scale_rule
+    def __init__(
+        self,
+        shapes: Shapes,
+        get: Callable[[str], torch.Tensor],
+        lora_rank: int,
+        scale_rule: str,
+        packing: str,
+        device: torch.device | str,
+        calibration: Calibration | None,
+        stored_packing: str,
+        source: str | None = None,
+    ) -> None:
+        family, config = detect_family(logical(shapes))
+        self.layers = ternary_layers(family, shapes, lora_rank)
+        self.layer_shapes = {module: (plan.n, plan.k) for module, plan in self.layers.items()}
+        self.report = QuantizeReport(family.describe(config))
+        self.report.count_source(shapes, self.layers)
+        rule, extra = scale_rule, {}
+        if calibration is not None:
+            rule, extra = CALIBRATED, {"calibration": calibration.metadata()}
+        if source is not None:
+            extra["source"] = source
+        self.metadata = build_metadata(
+            self.layer_shapes, stored_packing, lora_rank, rule, family.name, extra
+        )
+        self.lora_rank, self.scale_rule = lora_rank, scale_rule
         self.packing, self.device = packing, device
-        self.calibrator: FluxCalibrator | None = calibrator
+        self.calibrator = calibrator_for(
+            family, shapes, get, calibration, lora_rank, scale_rule, packing, device
+        )
 
     def __call__(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.calibrator is not None:
@@ -204,13 +235,6 @@ def calibration_refusal(title: str) -> str:
     return f"calibration supports FLUX.1 only; {title} is not supported (quantize it without)"
 
 
-def header_rule(scale_rule: str, calibration: Calibration | None) -> tuple[str, dict[str, str]]:
-    """(the header's scale_rule, extra header entries) of a quantization."""
-    if calibration is None:
-        return scale_rule, {}
-    return CALIBRATED, {"calibration": calibration.metadata()}
-
-
 def quantize_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     lora_rank: int = 0,
@@ -233,24 +257,16 @@ def quantize_state_dict(
     start = time.perf_counter()
     state = {strip_prefix(k): v for k, v in state_dict.items()}
     shapes = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
-    family, config = detect_family(logical(shapes))
-    layers = ternary_layers(family, shapes, lora_rank)
-    report = QuantizeReport(family.describe(config))
-    report.count_source(shapes, layers)
-    calibrator = calibrator_for(
-        family, shapes, state.__getitem__, calibration, lora_rank, scale_rule, packing, device
+    stored = stored_packing or packing
+    quantizer = _Quantizer(
+        shapes, state.__getitem__, lora_rank, scale_rule, packing, device, calibration, stored
     )
-    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device, calibrator)
+    layers, report = quantizer.layers, quantizer.report
     out = dict(convert(list(state), state.__getitem__, layers, quantizer, progress=progress))
     quantizer.finish()
-    stored = stored_packing or packing
-    rule, extra = header_rule(scale_rule, calibration)
-    metadata = build_metadata(
-        {m: (p.n, p.k) for m, p in layers.items()}, stored, lora_rank, rule, family.name, extra
-    )
-    report.bytes_after = file_size(plan_entries(shapes, layers, stored), metadata)
+    report.bytes_after = file_size(plan_entries(shapes, layers, stored), quantizer.metadata)
     report.seconds = time.perf_counter() - start
-    return out, {m: (p.n, p.k) for m, p in layers.items()}, report
+    return out, quantizer.layer_shapes, report
 
 
 def quantize_file(
@@ -304,28 +320,13 @@ def quantize_tensors(
         raise ValueError(f"LoRA rank must be 0 (none) or more, got {lora_rank}")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
-    family, config = detect_family(logical(shapes))
-    layers = ternary_layers(family, shapes, lora_rank)
-    report = QuantizeReport(family.describe(config))
-    report.count_source(shapes, layers)
-    rule, extra = header_rule(scale_rule, calibration)
-    if source is not None:
-        extra["source"] = source
-    meta = build_metadata(
-        {m: (p.n, p.k) for m, p in layers.items()},
-        packing,
-        lora_rank,
-        rule,
-        architecture=family.name,
-        extra=extra or None,
+    quantizer = _Quantizer(
+        shapes, get, lora_rank, scale_rule, packing, device, calibration, packing, source
     )
-    calibrator = calibrator_for(
-        family, shapes, get, calibration, lora_rank, scale_rule, packing, device
-    )
-    quantizer = _Quantizer(report, lora_rank, scale_rule, packing, device, calibrator)
+    layers, report = quantizer.layers, quantizer.report
     loop = convert(list(shapes), get, layers, quantizer, progress=progress)
     entries = plan_entries(shapes, layers, packing)
-    write_converted(dst, entries, meta, loop, overwrite=overwrite)
+    write_converted(dst, entries, quantizer.metadata, loop, overwrite=overwrite)
     quantizer.finish()
     report.bytes_after = dst.stat().st_size
     report.seconds = time.perf_counter() - start

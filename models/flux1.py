@@ -11,18 +11,19 @@ included (99.44 % of FLUX.1-dev's parameters, 99.52 % of schnell's)."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .family import (
     Family,
+    FluxLikeConfig,
     ModelFamilyError,
     Shapes,
     TextConditioning,
     add_linear,
     check_shapes,
-    flux_layout,
+    flux_dimensions,
     random_weights,
 )
 
@@ -52,7 +53,7 @@ def is_block_linear(module_name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(FluxLikeConfig):
     """The shape of a FLUX.1 model, as ComfyUI's detection reads it from the weights."""
 
     hidden_size: int = 3072
@@ -64,13 +65,6 @@ class FluxConfig:
     vec_in_dim: int = 768
     mlp_ratio: float = 4.0
     guidance_embed: bool = True
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 FLUX_DEV = FluxConfig()
@@ -92,34 +86,22 @@ def detect_config(shapes: Shapes) -> FluxConfig:
     Keys must be in BFL / ComfyUI names without a checkpoint prefix; shapes must be logical
     ([out, in] for linears).
     """
-    head_dim, depth, singles = flux_layout(shapes, "FLUX.1", _REQUIRED, NotFluxError)
-    try:
-        hidden, in_channels = shapes["img_in.weight"]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        context_in_dim = shapes["txt_in.weight"][1]
-        vec_in_dim = shapes["vector_in.in_layer.weight"][1]
-    except (ValueError, IndexError):
-        raise NotFluxError("not a FLUX.1 diffusion model: its embedders have odd shapes") from None
-    if head_dim < 1 or hidden % head_dim:
-        raise NotFluxError(f"not a FLUX.1 model: hidden size {hidden} and head size {head_dim}")
-    config = FluxConfig(
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=singles,
-        in_channels=in_channels,
-        context_in_dim=context_in_dim,
-        vec_in_dim=vec_in_dim,
-        mlp_ratio=mlp_hidden / hidden,
-        guidance_embed="guidance_in.in_layer.weight" in shapes,
+    dimensions = flux_dimensions(
+        shapes,
+        "FLUX.1",
+        _REQUIRED,
+        NotFluxError,
+        mlp=("double_blocks.0.img_mlp.0.weight", 0),
+        widths={"vec_in_dim": ("vector_in.in_layer.weight", 1)},
     )
+    config = FluxConfig(**dimensions, guidance_embed="guidance_in.in_layer.weight" in shapes)
     check_shapes(flux_shapes(config), shapes, "FLUX.1", NotFluxError)
     return config
 
 
 def flux_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a FLUX.1 model of this config: {BFL key: shape}."""
-    h, mlp, head = config.hidden_size, config.mlp_hidden, config.hidden_size // config.num_heads
+    h, mlp, head = config.hidden_size, config.mlp_hidden, config.head_dim
     shapes: dict[str, tuple[int, ...]] = {}
 
     def linear(name: str, n_out: int, n_in: int) -> None:

@@ -220,7 +220,7 @@ class FluxTransformer(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if config.hidden_size // config.num_heads != sum(AXES_DIM):
+        if config.head_dim != sum(AXES_DIM):
             raise ValueError(
                 f"FLUX.1 RoPE needs a head size of {sum(AXES_DIM)}, got "
                 f"{config.hidden_size} / {config.num_heads} heads"

@@ -25,16 +25,17 @@ them from the weights, so any size with a head of 128 loads.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .family import (
     Family,
+    FluxLikeConfig,
     ModelFamilyError,
     Shapes,
     TextConditioning,
     add_linear,
     check_shapes,
-    flux_layout,
+    flux_dimensions,
 )
 
 GLOBAL_MODULATION = (
@@ -69,7 +70,7 @@ def is_ternary(module_name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Flux2Config:
+class Flux2Config(FluxLikeConfig):
     """The shape of a FLUX.2 model, as ComfyUI's detection reads it from the weights."""
 
     hidden_size: int = 6144
@@ -80,13 +81,6 @@ class Flux2Config:
     context_in_dim: int = 15360  # Mistral-Small-3 24B: 3 hidden states of 5120
     mlp_ratio: float = 3.0
     guidance_embed: bool = True
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 FLUX2_DEV = Flux2Config()
@@ -104,25 +98,10 @@ def claims(shapes: Shapes) -> bool:
 def detect_config(shapes: Shapes) -> Flux2Config:
     """Read a Flux2Config from {key: logical shape}; raise NotFlux2Error naming what is
     missing or of the wrong shape."""
-    head_dim, depth, singles = flux_layout(shapes, "FLUX.2", _REQUIRED, NotFlux2Error)
-    try:
-        hidden, in_channels = shapes["img_in.weight"]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.2.weight"][1]
-        context_in_dim = shapes["txt_in.weight"][1]
-    except (KeyError, ValueError, IndexError):
-        raise NotFlux2Error("not a FLUX.2 diffusion model: its embedders have odd shapes") from None
-    if head_dim < 1 or hidden % head_dim:
-        raise NotFlux2Error(f"not a FLUX.2 model: hidden size {hidden} and head size {head_dim}")
-    config = Flux2Config(
-        hidden_size=hidden,
-        num_heads=hidden // head_dim,
-        depth=depth,
-        depth_single_blocks=singles,
-        in_channels=in_channels,
-        context_in_dim=context_in_dim,
-        mlp_ratio=mlp_hidden / hidden,
-        guidance_embed="guidance_in.in_layer.weight" in shapes,
+    dimensions = flux_dimensions(
+        shapes, "FLUX.2", _REQUIRED, NotFlux2Error, mlp=("double_blocks.0.img_mlp.2.weight", 1)
     )
+    config = Flux2Config(**dimensions, guidance_embed="guidance_in.in_layer.weight" in shapes)
     check_shapes(flux2_shapes(config), shapes, "FLUX.2", NotFlux2Error)
     return config
 
@@ -130,7 +109,7 @@ def detect_config(shapes: Shapes) -> Flux2Config:
 def flux2_shapes(config: Flux2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of a FLUX.2 model of this config: {BFL key: shape}, in ComfyUI's module
     order. No linear has a bias."""
-    h, mlp, head = config.hidden_size, config.mlp_hidden, config.hidden_size // config.num_heads
+    h, mlp, head = config.hidden_size, config.mlp_hidden, config.head_dim
     shapes: dict[str, tuple[int, ...]] = {}
 
     def linear(name: str, n_out: int, n_in: int) -> None:

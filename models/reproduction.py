@@ -48,7 +48,7 @@ from ..ternary.fileformat import MmapReader, build_metadata
 from ..ternary.integrity import DamagedFileError, check_zip
 from ..ternary.packing import pack
 from ..ternary.quantize import ternarize
-from .files import dense_tensors, diffusion_model_keys, strip_prefix
+from .files import dense_tensors, diffusion_model_keys, logical, strip_prefix
 from .flux1 import FAMILY, detect_config, is_block_linear
 
 # BFL module (inside a block) -> its diffusers linears, in BFL row order.
@@ -433,8 +433,8 @@ def _import(
     (key -> tensor) describe the base under its own key names."""
     names = {strip_prefix(k): k for k in diffusion_model_keys(list(base_shapes))}
     shapes = {k: base_shapes[names[k]] for k in names}
-    config = detect_config({k: s for k, (_, s) in shapes.items()})
-    linears = _plan_linears({k: s for k, (_, s) in shapes.items()}, config.hidden_size)
+    config = detect_config(logical(shapes))
+    linears = _plan_linears(logical(shapes), config.hidden_size)
     for lin in linears:
         dtype = shapes[f"{lin.module}.weight"][0]
         if dtype not in _BASE_DTYPES:

@@ -33,7 +33,9 @@ def test_teacher_then_distill(tmp_path):
 def test_bad_command_configs(tmp_path, capsys):
     (tmp_path / "t.json").write_text(json.dumps({"model": "random:huge:1", "output": "d"}))
     assert main(["teacher", str(tmp_path / "t.json")]) == 2
-    assert "random:tiny:SEED" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'random:huge:1': expected random:PRESET:SEED" in err
+    assert "FLUX.1 preset (dev, schnell, tiny, tiny-schnell)" in err
     (tmp_path / "t.json").write_text(json.dumps({"model": "random:tiny:1", "output": "d",
                                                  "step": 3}))  # fmt: skip
     assert main(["teacher", str(tmp_path / "t.json")]) == 2
