@@ -19,26 +19,37 @@ damping; start, steps, scale training, schedule).
     python bench/distill_proxy.py --size small --seed 0 --out bench/results [--ablations]
     python bench/distill_proxy.py --size small --summarize --out bench/results
 
-``--size large`` is meant for a GPU (``--device cuda``, the default when one is present).
+``--size large`` is meant for a GPU (``--device cuda``, the default when one is present) and
+takes longer than one call on a lent machine: ``--work DIR`` keeps every stage's output (the
+classifier, the teacher and its checkpoint, the teacher data set, each student's trainer
+checkpoints, each finished row) and a rerun of the same command reuses it; ``--time-limit S``
+stops cleanly before the first unit of work (a stage, a teacher step, a data shard, a
+distillation step) that would start after S seconds, with exit code 3. A run cut and resumed
+gives the rows of one uninterrupted run (on the CPU bit for bit; the tests check it).
+
+    python bench/distill_proxy.py --size large --work /tmp/pl --time-limit 450 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
+import re
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from comfyui_ternary_flux.bench.proxy_metrics import (
+    DigitClassifier,
     frechet_distance,
     sample_quality,
     train_classifier,
@@ -47,6 +58,7 @@ from comfyui_ternary_flux.cli.distill import build_student
 from comfyui_ternary_flux.distill.calibration import teacher_calibration
 from comfyui_ternary_flux.distill.config import DistillConfig
 from comfyui_ternary_flux.distill.distributed import DistEnv
+from comfyui_ternary_flux.distill.progress import WorkDirBusy, WorkLock, read_progress
 from comfyui_ternary_flux.distill.schedule import (
     derived_seed,
     resolution_shift,
@@ -65,6 +77,7 @@ from comfyui_ternary_flux.distill.train import distill
 from comfyui_ternary_flux.models.files import quantize_file
 from comfyui_ternary_flux.models.flux1 import FluxConfig
 from comfyui_ternary_flux.models.flux1_torch import PATCH, FluxTransformer
+from comfyui_ternary_flux.ternary.atomic import atomic_path
 from comfyui_ternary_flux.ternary.calibrate import CalibrationOptions
 
 FOLD = 4  # pixel unshuffle: 16 latent channels, as FLUX's VAE
@@ -80,6 +93,11 @@ ROWS = (
     "distilled from calibrated",
 )
 METRICS = ("accuracy", "frechet_distance")
+STOPPED = 3  # exit code of a run that --time-limit stopped: rerun the same command
+TEACHER_CHECKPOINT_EVERY = 250  # teacher steps; a kill loses at most these
+DISTILL_CHECKPOINT_EVERY = 250  # distillation steps (the trainer's checkpoint_every)
+IDENTITY = "proxy.json"  # what a --work folder holds: size, seed, settings, device
+SPENT = "spent.json"  # seconds of the calls that stopped before, so a total can be given
 
 
 LATENT_CHANNELS = 16  # FLUX.1's latent space
@@ -279,6 +297,43 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class Stopped(Exception):
+    """The time limit came before the next unit of work; what was done is saved."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
+
+class WorkFolderMismatch(ValueError):
+    """A --work folder that holds another run's stages; the message says which settings."""
+
+
+class Deadline:
+    """--time-limit: whether a unit of work that would start now may start. ``stage`` names
+    the unit (what a stop reports), so a test can stop the run at any one of them."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def passed(self, stage: str) -> bool:
+        return self.limit is not None and self.elapsed() >= self.limit
+
+    def check(self, stage: str) -> None:
+        if self.passed(stage):
+            raise Stopped(stage)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file through the pack's atomic writer: a cut call never leaves half."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
 def train_teacher(
     size: ProxySize,
     latents: torch.Tensor,
@@ -286,16 +341,49 @@ def train_teacher(
     prompts: DigitPrompts,
     seed: int,
     device: torch.device | str = "cpu",
+    checkpoint: Path | None = None,
+    deadline: Deadline | None = None,
 ) -> FluxTransformer:
     """Full-precision rectified-flow training on real digits, AdamW with a cosine schedule.
-    Batches are drawn on the CPU (the same data on every device)."""
+    Batches are drawn on the CPU (the same data on every device).
+
+    With ``checkpoint``, everything the next step depends on (weights, AdamW, schedule, the
+    batch generator) is saved there every TEACHER_CHECKPOINT_EVERY steps and before
+    ``deadline`` stops the loop (raising Stopped), and training goes on from it: the steps
+    of one uninterrupted run."""
     torch.manual_seed(derived_seed(seed, 1))
     model = FluxTransformer(flux_config(size)).to(device)
     gen = torch.Generator().manual_seed(derived_seed(seed, 2))
     mu = time_shift(size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.teacher_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, size.teacher_steps)
-    for step in range(size.teacher_steps):
+    saved = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        saved = state["step"]
+        log(f"teacher: resuming from {checkpoint} at step {saved}")
+
+    def save(step: int) -> None:
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "generator": gen.get_state(),
+        }
+        with atomic_path(checkpoint) as tmp:
+            torch.save(state, tmp)
+
+    for step in range(saved, size.teacher_steps):
+        stage = f"teacher step {step + 1}/{size.teacher_steps}"
+        if deadline is not None and deadline.passed(stage):
+            if checkpoint is not None and step > saved:
+                save(step)
+            raise Stopped(stage)
         index = torch.randint(len(latents), (size.teacher_batch,), generator=gen)
         clean = latents[index]
         noise = torch.randn(clean.shape, generator=gen)
@@ -310,6 +398,9 @@ def train_teacher(
         schedule.step()
         if step % 250 == 0 or step == size.teacher_steps - 1:
             log(f"teacher step {step + 1}/{size.teacher_steps} loss {loss.item():.4f}")
+        if checkpoint is not None and (step + 1) % TEACHER_CHECKPOINT_EVERY == 0:
+            save(step + 1)
+            saved = step + 1
     return model.eval()
 
 
@@ -415,19 +506,93 @@ ABLATIONS = (
 )
 
 
-class Proxy:
-    """One seed's set-up: real digits, the classifier, the teacher, its file and data set."""
+def row_file_stem(name: str) -> str:
+    """A row's file name in a --work folder: its name's letters and digits."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
-    def __init__(self, size_name: str, seed: int, work: Path, device: torch.device) -> None:
+
+def identity(size_name: str, seed: int, device: torch.device) -> dict:
+    """What decides a run's stages: a --work folder serves only a run of these."""
+    size = SIZES[size_name]
+    described = {
+        "benchmark": "distill_proxy",
+        "size": size_name,
+        "seed": seed,
+        "device": str(device),
+        "settings": asdict(size),
+        "flux_config": flux_config(size).as_dict(),
+    }
+    return json.loads(json.dumps(described))  # as it reads back from the file
+
+
+def claim_work(work: Path, described: dict) -> None:
+    """Mark an empty --work folder as this run's; refuse one that holds another run (or
+    anything else), before any of its files is read or replaced."""
+    path = work / IDENTITY
+    if path.is_file():
+        held = json.loads(path.read_text())
+        if held != described:
+            keys = described.keys() | held.keys()
+            changed = sorted(k for k in keys if held.get(k) != described.get(k))
+            raise WorkFolderMismatch(
+                f"{work} holds the proxy run of size {held.get('size')}, seed "
+                f"{held.get('seed')}, device {held.get('device')}, not this command's "
+                f"(different: {', '.join(changed)}); use another --work folder, or the same "
+                "--size, --seed and --device"
+            )
+        return
+    if work.exists() and any(work.iterdir()):
+        raise WorkFolderMismatch(
+            f"{work} is not empty and holds no {IDENTITY}: not a proxy work folder; use an "
+            "empty or new folder"
+        )
+    write_atomically(path, json.dumps(described, indent=2) + "\n")
+
+
+class Spent:
+    """Seconds of the calls that stopped before this one: the run's and each unfinished
+    row's, so that a run cut into several calls still reports what it cost in all."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.calls = saved.get("calls", 0)
+        self.seconds = saved.get("seconds", 0.0)
+        self.rows: dict[str, float] = saved.get("rows", {})
+
+    def save_stop(self, seconds: float) -> None:
+        """Add this call (which stopped after ``seconds``) and write the file."""
+        self.calls += 1
+        self.seconds += seconds
+        record = {"calls": self.calls, "seconds": self.seconds, "rows": self.rows}
+        write_atomically(self.path, json.dumps(record, indent=2) + "\n")
+
+
+class Proxy:
+    """One seed's set-up: real digits, the classifier, the teacher, its file and data set.
+
+    Every stage's output lies in ``work`` and is reused when present (the classifier, the
+    teacher or its checkpoint, the data set's shards, the teacher's samples, each row), so
+    a run that ``deadline`` stopped, or a kill, continues where it was."""
+
+    def __init__(
+        self,
+        size_name: str,
+        seed: int,
+        work: Path,
+        device: torch.device,
+        deadline: Deadline | None = None,
+        spent: Spent | None = None,
+    ) -> None:
         self.size_name, self.size, self.seed = size_name, SIZES[size_name], seed
         self.work, self.device = work, device
+        self.deadline = deadline or Deadline(None)
+        self.spent = spent or Spent(work / SPENT)
         size = self.size
         self.digits = load_digits(FOLD * size.latent_side, seed)
         self.prompts = DigitPrompts(derived_seed(seed, 3))
         digits = self.digits
-        self.classifier = train_classifier(
-            digits.train_images, digits.train_labels, size.classifier_epochs, derived_seed(seed, 4)
-        )
+        self.classifier = self._classifier()
         with torch.no_grad():
             self.reference = self.classifier.features(digits.test_images)
             self.real_accuracy = float(
@@ -439,30 +604,102 @@ class Proxy:
                 self.classifier.features(digits.train_images), self.reference
             )
         log(f"classifier accuracy on held-out real digits: {self.real_accuracy:.4f}")
-        self.teacher = train_teacher(
-            size, to_latent(digits.train_images), digits.train_labels, self.prompts, seed, device
-        )
         self.teacher_file = work / "teacher.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in self.teacher.state_dict().items()}
-        save_file(state, str(self.teacher_file))
+        self.teacher = self._teacher()
         self.data = work / "teacher_data"
-        texts = [self.prompts.text(int(d)) for d in balanced_labels(size.distill_prompts_per_digit)]
-        build_teacher_dataset(
+        self._teacher_data()
+        self.eval_labels = balanced_labels(size.eval_samples_per_digit)
+        latent_shape = (LATENT_CHANNELS, size.latent_side, size.latent_side)
+        self.eval_noise = seeded_noise(len(self.eval_labels), latent_shape, derived_seed(seed, 7))
+        self.teacher_latents = self._teacher_samples()
+
+    def _classifier(self) -> DigitClassifier:
+        """Trained once and kept: at the large size its 30 epochs run on the CPU."""
+        path = self.work / "classifier.safetensors"
+        if path.is_file():
+            classifier = DigitClassifier(self.digits.train_images.shape[-1])
+            classifier.load_state_dict(load_file(path))
+            return classifier.eval()
+        self.deadline.check("classifier")
+        digits = self.digits
+        epochs, seed = self.size.classifier_epochs, derived_seed(self.seed, 4)
+        classifier = train_classifier(digits.train_images, digits.train_labels, epochs, seed)
+        save_tensors(path, classifier.state_dict())
+        return classifier
+
+    def _teacher(self) -> FluxTransformer:
+        """The trained teacher from its file; else trained (or finished from its
+        checkpoint), and its file written."""
+        if self.teacher_file.is_file():
+            teacher = FluxTransformer(flux_config(self.size))
+            teacher.load_state_dict(load_file(self.teacher_file))
+            return teacher.to(self.device).eval()
+        checkpoint = self.work / "teacher.checkpoint.pt"
+        digits = self.digits
+        latents, labels = to_latent(digits.train_images), digits.train_labels
+        teacher = train_teacher(
+            self.size,
+            latents,
+            labels,
+            self.prompts,
+            self.seed,
+            self.device,
+            checkpoint,
+            self.deadline,
+        )
+        save_tensors(self.teacher_file, teacher.state_dict())
+        checkpoint.unlink(missing_ok=True)  # the file above supersedes it
+        return teacher
+
+    def _teacher_data(self) -> None:
+        """The pack's builder, which skips the shards already built."""
+        texts = [
+            self.prompts.text(int(d)) for d in balanced_labels(self.size.distill_prompts_per_digit)
+        ]
+        manifest = build_teacher_dataset(
             self.data,
             texts,
             self.prompts,
             model_velocity_fn(self.teacher),
-            teacher_settings(size, seed),
-            device=device,
+            teacher_settings(self.size, self.seed),
+            device=self.device,
             log=log,
+            should_stop=lambda: self.deadline.passed("teacher data"),
         )
-        self.eval_labels = balanced_labels(size.eval_samples_per_digit)
-        latent_shape = (LATENT_CHANNELS, size.latent_side, size.latent_side)
-        self.eval_noise = seeded_noise(len(self.eval_labels), latent_shape, derived_seed(seed, 7))
-        self.teacher_latents = sample(
-            self.teacher, self.eval_noise, self.eval_labels, self.prompts, size
-        )
-        self._count = 0
+        if not manifest["complete"]:
+            raise Stopped(f"teacher data ({manifest['done_prompts']}/{len(texts)} prompts)")
+
+    def _teacher_samples(self) -> torch.Tensor:
+        """The teacher's samples of the held-out noise: its row and every velocity error."""
+        path = self.work / "teacher_samples.safetensors"
+        if path.is_file():
+            return load_file(path)["latents"]
+        self.deadline.check("teacher samples")
+        latents = sample(self.teacher, self.eval_noise, self.eval_labels, self.prompts, self.size)
+        save_tensors(path, {"latents": latents})
+        return latents
+
+    def row(
+        self, name: str, compute: Callable[[], dict], variant: Calibrated | Distilled | None = None
+    ) -> dict:
+        """Row ``name``: read from its file in the work folder, else computed and written."""
+        path = self.work / "rows" / f"{row_file_stem(name)}.json"
+        described = None if variant is None else json.loads(json.dumps(asdict(variant)))
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["name"] != name or saved["variant"] != described:
+                raise WorkFolderMismatch(
+                    f"{path} was measured for another definition of {name!r}; delete it to "
+                    "measure the row again"
+                )
+            return saved["row"]
+        self.deadline.check(name)
+        row = compute()
+        record = {"name": name, "variant": described, "row": row}
+        write_atomically(path, json.dumps(record, indent=2) + "\n")
+        self.spent.rows.pop(name, None)
+        log(f"{name}: {row}")
+        return row
 
     def plain_ternary(self) -> torch.nn.Module:
         """Absmean ternary of every block linear, no LoRA, no training."""
@@ -478,14 +715,18 @@ class Proxy:
         samples = variant.samples if variant.samples is not None else self.size.calibration_samples
         samples = min(samples or len(dataset), len(dataset))  # (the tiny size has 40)
         options = CalibrationOptions(**dict(variant.options))
-        self._count += 1
-        out = self.work / f"calibrated-{self._count}.safetensors"
+        out = self.work / "calibrated" / f"{row_file_stem(variant.name)}.safetensors"
         started = time.perf_counter()
         calibration = teacher_calibration(
             self.data, samples, inputs=variant.inputs, options=options, dataset=dataset
         )
         report = quantize_file(
-            self.teacher_file, out, rank, device=self.device, calibration=calibration
+            self.teacher_file,
+            out,
+            rank,
+            device=self.device,
+            overwrite=True,
+            calibration=calibration,
         )
         seconds = time.perf_counter() - started
         model = load_student(
@@ -502,15 +743,15 @@ class Proxy:
         return model.eval(), info
 
     def distilled(self, variant: Distilled) -> tuple[torch.nn.Module, dict]:
-        """The distillation CLI's student (``init``) trained by ``train.distill``."""
-        size = self.size
+        """The distillation CLI's student (``init``) trained by ``train.distill``, which
+        resumes from its checkpoints in the work folder; its time counts every call."""
+        size, name = self.size, variant.name
         steps = max(1, round(variant.step_share * size.distill_steps))
         warmup = None if variant.warmup_share is None else round(variant.warmup_share * steps)
-        self._count += 1
         config = DistillConfig(
             model=str(self.teacher_file),
             data=str(self.data),
-            output=str(self.work / f"student-{self._count}.safetensors"),
+            output=str(self.work / "students" / f"{row_file_stem(name)}.safetensors"),
             lora_rank=size.lora_rank,
             init=variant.init,
             calibration_samples=size.calibration_samples,
@@ -522,24 +763,36 @@ class Proxy:
             lr_scale=size.scale_lr if variant.scale_lr is None else variant.scale_lr,
             warmup_steps=warmup,
             min_lr_ratio=variant.min_lr_ratio,
-            checkpoint_every=steps,
+            checkpoint_every=min(steps, DISTILL_CHECKPOINT_EVERY),
             gradient_checkpointing=False,
             dtype="float32",
             device=self.device.type,
             seed=derived_seed(self.seed, 5),
+            overwrite=True,  # a finished run cut before its row resumes at its last step
         )
         env = DistEnv(device=self.device)
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.spent.rows.get(name, 0.0)
+        self.deadline.check(f"{name}: student")
         dataset = TeacherDataset(config.data)
         student = build_student(config, env, dataset)
+        done = 0
 
         def progress(step: int, loss: float) -> None:
+            nonlocal done
+            done = step
             if step % 100 == 0 or step in (1, steps):
-                log(f"{variant.name}: step {step}/{steps} loss {loss:.5f}")
+                log(f"{name}: step {step}/{steps} loss {loss:.5f}")
 
-        result = distill(student, dataset, config, env, on_step=progress, log=log)
+        def should_stop() -> bool:
+            return self.deadline.passed(f"{name}: step {done + 1}/{steps}")
+
+        result = distill(student, dataset, config, env, progress, should_stop, log)
+        self.spent.rows[name] = before + time.perf_counter() - started
+        if result.output is None:
+            raise Stopped(f"{name}: step {result.step + 1}/{steps}")
+        losses = [entry["loss"] for entry in read_progress(config.work_path)[1]]
         info = {
-            "seconds": round(time.perf_counter() - started, 2),
+            "seconds": round(self.spent.rows[name], 2),
             "steps": steps,
             "schedule": {  # as the config resolved it
                 "lora_lr": config.lora_lr,
@@ -548,7 +801,7 @@ class Proxy:
                 "min_lr_ratio": config.min_lr_ratio,
             },
             # The first step shows what the start alone does, the last what training adds.
-            "distill_loss": {"first_step": result.losses[0], "last_step": result.losses[-1]},
+            "distill_loss": {"first_step": losses[0], "last_step": losses[-1]},
         }
         return student.eval(), info
 
@@ -563,21 +816,27 @@ class Proxy:
         args = [v.to(self.device) for v in (z_t, t, cond["context"], cond["pooled"])]
         return float(F.mse_loss(model(*args), self.teacher(*args)))
 
-    def measure(self, model: torch.nn.Module) -> dict:
-        latents = sample(model, self.eval_noise, self.eval_labels, self.prompts, self.size)
+    def measure(self, model: torch.nn.Module, latents: torch.Tensor | None = None) -> dict:
+        """Velocity error and sample quality; ``latents``: the model's samples, if known."""
+        if latents is None:
+            latents = sample(model, self.eval_noise, self.eval_labels, self.prompts, self.size)
         quality = sample_quality(
             self.classifier, to_images(latents), self.eval_labels, self.reference
         )
         return {"velocity_mse": self.velocity_mse(model), **quality}
 
     def run(self, variant: Calibrated | Distilled) -> dict:
-        if isinstance(variant, Calibrated):
-            model, info = self.calibrated(variant)
-        else:
-            model, info = self.distilled(variant)
-        row = {**self.measure(model), **info}
-        log(f"{variant.name}: {row}")
-        return row
+        """The row of ``variant``: measured once per work folder, then read back."""
+
+        def compute() -> dict:
+            if isinstance(variant, Calibrated):
+                model, info = self.calibrated(variant)
+            else:
+                model, info = self.distilled(variant)
+            self.deadline.check(f"{variant.name}: samples")
+            return {**self.measure(model), **info}
+
+        return self.row(variant.name, compute, variant)
 
 
 def recovered_share(teacher: float, ternary: float, distilled: float) -> float | None:
@@ -613,21 +872,42 @@ def run_proxy(
     ablations: bool = False,
     device: str | None = None,
     variants: list[str] | None = None,
+    work: Path | None = None,
+    time_limit: float | None = None,
 ) -> dict:
     """The whole comparison; returns the JSON-ready result. ``ablations`` adds every ablation,
-    ``variants`` only those of these names."""
+    ``variants`` only those of these names.
+
+    ``work`` keeps every stage's output for a later call of the same size, seed and device
+    (None: a temporary folder). With ``time_limit`` (seconds from the start of this call) the
+    run raises Stopped before the first unit of work that would start later, all done so far
+    saved in ``work``: calling again continues it."""
     size = SIZES[size_name]
     device = torch.device(device or default_device())
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="distill_proxy_") as work:
-        proxy = Proxy(size_name, seed, Path(work), device)
-        rows = {"teacher": proxy.measure(proxy.teacher)}
-        rows["plain ternary"] = proxy.measure(proxy.plain_ternary())
-        log(f"teacher: {rows['teacher']}\nplain ternary: {rows['plain ternary']}")
-        for name, variant in MAIN.items():
-            rows[name] = proxy.run(variant)
-        chosen = ablation_variants(None if ablations else variants or [])
-        extra = {variant.name: proxy.run(variant) for variant in chosen}
+    deadline = Deadline(time_limit)
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distill_proxy_")))
+        claim_work(work, identity(size_name, seed, device))
+        stack.enter_context(WorkLock(work))
+        spent = Spent(work / SPENT)
+        try:
+            proxy = Proxy(size_name, seed, work, device, deadline, spent)
+            rows = {
+                "teacher": proxy.row(
+                    "teacher", lambda: proxy.measure(proxy.teacher, proxy.teacher_latents)
+                ),
+                "plain ternary": proxy.row(
+                    "plain ternary", lambda: proxy.measure(proxy.plain_ternary())
+                ),
+            }
+            for name, variant in MAIN.items():
+                rows[name] = proxy.run(variant)
+            chosen = ablation_variants(None if ablations else variants or [])
+            extra = {variant.name: proxy.run(variant) for variant in chosen}
+        except Stopped:
+            spent.save_stop(deadline.elapsed())
+            raise
     for table in (rows, extra):
         for name in table:
             if name not in ("teacher", "plain ternary"):
@@ -647,7 +927,8 @@ def run_proxy(
         },
         "rows": rows,
         "ablations": extra,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(spent.seconds + deadline.elapsed(), 1),
+        "calls": spent.calls + 1,  # more than one: resumed from --work
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -686,9 +967,11 @@ def markdown_table(result: dict) -> str:
         lines += ["", "Ablations:", "", *header]
         lines += [line(name, row) for name, row in result["ablations"].items()]
     real = result["real_digits"]
+    calls = result.get("calls", 1)
     lines.append("")
     lines.append(
-        f"Size `{result['size']}`, seed {result['seed']}, {result['seconds']} s on "
+        f"Size `{result['size']}`, seed {result['seed']}, {result['seconds']} s"
+        f"{f' in {calls} calls' if calls > 1 else ''} on "
         f"{result.get('device', 'cpu')} ({result['threads']} CPU thread(s)). Real held-out "
         f"digits: classifier accuracy {100 * real['classifier_test_accuracy']:.1f} %, Frechet "
         f"distance train vs test {real['frechet_distance_train_vs_test']:.3f}."
@@ -748,11 +1031,9 @@ def summary_text(results: list[dict], held_out: set[int]) -> str:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temp, path)
+    """Text through the pack's one atomic writer (ternary/atomic.py)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -781,9 +1062,27 @@ def main(argv: list[str] | None = None) -> int:
         "summarized apart from the others",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep every stage's output here; running the same command again reuses it "
+        "(default: a temporary folder)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"with --work: stop, all done saved, before the first unit of work that would "
+        f"start after SECONDS (exit code {STOPPED}); the same command continues",
+    )
     args = parser.parse_args(argv)
     if args.variant and args.ablations:
         parser.error("--variant picks ablations; --ablations already runs every one")
+    if args.time_limit is not None and args.work is None:
+        parser.error("--time-limit needs --work DIR, the folder that the next call continues from")
     try:
         ablation_variants(args.variant)
     except ValueError as err:
@@ -801,7 +1100,16 @@ def main(argv: list[str] | None = None) -> int:
     for suffix in (".json", ".md"):
         if stem.with_suffix(suffix).exists() and not args.overwrite:
             parser.error(f"{stem.with_suffix(suffix)} exists; pass --overwrite to replace it")
-    result = run_proxy(args.size, args.seed, args.ablations, args.device, args.variant)
+    try:
+        result = run_proxy(
+            args.size, args.seed, args.ablations, args.device, args.variant, args.work,
+            args.time_limit,
+        )  # fmt: skip
+    except Stopped as stop:
+        print(f"stopped at {stop.stage}; rerun the same command to continue", flush=True)
+        return STOPPED
+    except (WorkFolderMismatch, WorkDirBusy) as err:
+        parser.error(str(err))
     table = markdown_table(result)
     write_atomically(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_atomically(stem.with_suffix(".md"), table)

@@ -302,11 +302,15 @@ def build_teacher_dataset(
     barrier: Callable[[], None] = lambda: None,
     log: Callable[[str], None] = print,
     on_prompt: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Build (or finish) a teacher data set; returns the manifest (after all ranks are done).
 
     With several processes, rank r builds shards r, r + world_size, ...; ``barrier`` must
     synchronise them (torch.distributed.barrier). ``on_prompt(done, total)`` reports progress.
+    ``should_stop()`` is asked before each shard still to build: when it turns true the build
+    stops there, the finished shards kept, and the manifest it returns is incomplete (a time
+    limit: building into the same folder again goes on from there).
     """
     if not prompts:
         raise TeacherDataError("no prompts given")
@@ -330,6 +334,9 @@ def build_teacher_dataset(
         if _shard_is_done(path, ids):
             done += len(ids)
             continue
+        if should_stop is not None and should_stop():
+            log(f"teacher data: stopped before {path.name}; building again goes on from there")
+            break
         if path.is_file():
             log(f"teacher data: {path} is damaged or of another build; building it again")
         # Encode the shard's prompts first: big text encoders and the model then swap in

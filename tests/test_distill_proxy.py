@@ -200,3 +200,143 @@ def test_summary_keeps_held_out_seeds_apart():
     assert distill_proxy.summary_text(results, set()) == distill_proxy.summarize(
         sorted(results, key=lambda r: r["seed"])
     )
+
+
+def stop_at(monkeypatch, stage: str, nth: int = 1) -> list[str]:
+    """Make the run's deadline pass at the ``nth`` time it asks about ``stage`` (as a time
+    limit would); returns the stages asked about."""
+    asked: list[str] = []
+
+    def passed(self, name: str) -> bool:
+        asked.append(name)
+        return name == stage and asked.count(stage) == nth
+
+    monkeypatch.setattr(distill_proxy.Deadline, "passed", passed)
+    return asked
+
+
+def without_seconds(table: dict) -> dict:
+    return {name: {k: v for k, v in row.items() if k != "seconds"} for name, row in table.items()}
+
+
+def test_teacher_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    size = dataclasses.replace(distill_proxy.SIZES["tiny"], teacher_steps=6)
+    digits = distill_proxy.load_digits(4 * size.latent_side, seed=0)
+    args = (size, distill_proxy.to_latent(digits.train_images), digits.train_labels,
+            distill_proxy.DigitPrompts(seed=0), 5)  # fmt: skip
+    whole = distill_proxy.train_teacher(*args).state_dict()
+    monkeypatch.setattr(distill_proxy, "TEACHER_CHECKPOINT_EVERY", 2)
+    checkpoint = tmp_path / "teacher.pt"
+
+    class Killed(Exception):
+        pass
+
+    def killed_before_step_4(self, stage: str) -> bool:
+        if stage == "teacher step 4/6":
+            raise Killed  # no chance to save: the periodic checkpoint (step 2) is what is left
+        return False
+
+    monkeypatch.setattr(distill_proxy.Deadline, "passed", killed_before_step_4)
+    with pytest.raises(Killed):
+        distill_proxy.train_teacher(
+            *args, checkpoint=checkpoint, deadline=distill_proxy.Deadline(1)
+        )
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    stop_at(monkeypatch, "teacher step 6/6")  # a time limit: saved at the stop
+    with pytest.raises(distill_proxy.Stopped, match="teacher step 6/6"):
+        distill_proxy.train_teacher(
+            *args, checkpoint=checkpoint, deadline=distill_proxy.Deadline(1)
+        )
+    assert torch.load(checkpoint, weights_only=True)["step"] == 5
+    resumed = distill_proxy.train_teacher(*args, checkpoint=checkpoint).state_dict()
+    for key, value in whole.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_run_cut_by_time_limits_and_resumed_gives_the_rows_of_one_run(
+    tmp_path, monkeypatch, capsys
+):
+    """Stopped inside the teacher loop, between teacher data shards, at a row, inside a
+    distillation and between a finished distillation and its samples: the rows, bit for bit."""
+    settings = distill_proxy.teacher_settings
+    monkeypatch.setattr(  # 20 prompts: three shards, so the builder can stop between them
+        distill_proxy, "teacher_settings",
+        lambda size, seed: dataclasses.replace(settings(size, seed), shard_size=8),
+    )  # fmt: skip
+    monkeypatch.setattr(distill_proxy, "TEACHER_CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(distill_proxy, "DISTILL_CHECKPOINT_EVERY", 2)
+    variant = "distill: svd start, half the steps"
+    args = ["--size", "tiny", "--device", "cpu", "--variant", variant]
+    assert distill_proxy.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "distill_proxy_tiny_seed0.json").read_text())
+
+    work = tmp_path / "work"
+    cut = [*args, "--out", str(tmp_path / "cut"), "--work", str(work), "--time-limit", "100"]
+    stops = [
+        ("teacher step 8/20", 1),
+        ("teacher data", 2),  # before the second shard
+        ("plain ternary", 1),
+        ("distilled ternary + LoRA: samples", 1),  # trained, not yet measured
+        ("distilled from calibrated: step 3/5", 1),
+        (f"{variant}: step 2/2", 1),
+    ]
+    capsys.readouterr()
+    for stage, nth in stops:
+        asked = stop_at(monkeypatch, stage, nth)
+        assert distill_proxy.main(cut) == distill_proxy.STOPPED, stage
+        assert asked[-1] == stage
+        said = capsys.readouterr().out.splitlines()[-1]  # (the CLI's student prints too)
+        where = "teacher data (8/20 prompts)" if stage == "teacher data" else stage
+        assert said == f"stopped at {where}; rerun the same command to continue"
+        if stage.startswith("teacher step"):
+            assert torch.load(work / "teacher.checkpoint.pt", weights_only=True)["step"] == 7
+        if stage == "teacher data":
+            manifest = json.loads((work / "teacher_data" / "manifest.json").read_text())
+            assert not manifest["complete"] and len(manifest["shards"]) == 1
+        if stage.startswith("distilled from calibrated"):
+            spent = json.loads((work / "spent.json").read_text())
+            cut_seconds = spent["rows"]["distilled from calibrated"]
+    assert not (work / "teacher.checkpoint.pt").exists()  # the teacher's file took its place
+    monkeypatch.setattr(distill_proxy.Deadline, "passed", lambda self, stage: False)
+    assert distill_proxy.main(cut) == 0
+    resumed = json.loads((tmp_path / "cut" / "distill_proxy_tiny_seed0.json").read_text())
+    assert without_seconds(resumed["rows"]) == without_seconds(whole["rows"])
+    assert without_seconds(resumed["ablations"]) == without_seconds(whole["ablations"])
+    assert resumed["real_digits"] == whole["real_digits"]
+    assert resumed["calls"] == len(stops) + 1 and whole["calls"] == 1
+    table = (tmp_path / "cut" / "distill_proxy_tiny_seed0.md").read_text()
+    assert f"in {len(stops) + 1} calls on cpu" in table
+    # a distillation cut in two calls counts the time of both
+    assert resumed["rows"]["distilled from calibrated"]["seconds"] > cut_seconds > 0
+
+
+def test_time_limit_stops_the_command_and_a_work_folder_serves_only_its_run(tmp_path, capsys):
+    work = tmp_path / "work"
+    args = ["--size", "tiny", "--device", "cpu", "--out", str(tmp_path), "--work", str(work)]
+    assert distill_proxy.main([*args, "--time-limit", "0"]) == distill_proxy.STOPPED
+    assert capsys.readouterr().out == (
+        "stopped at classifier; rerun the same command to continue\n"
+    )  # nothing may start after 0 s
+    assert json.loads((work / "spent.json").read_text())["calls"] == 1
+    assert not (work / "classifier.safetensors").exists()
+    with pytest.raises(SystemExit):
+        distill_proxy.main([*args, "--seed", "1"])
+    assert (
+        "holds the proxy run of size tiny, seed 0, device cpu, not this command's (different: seed)"
+        in (capsys.readouterr().err)
+    )
+    with pytest.raises(SystemExit):
+        distill_proxy.main([*args[:-2], "--time-limit", "5"])
+    assert "--time-limit needs --work" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not the proxy's")
+    with pytest.raises(SystemExit):
+        distill_proxy.main([*args[:-1], str(tmp_path / "other")])
+    assert "holds no proxy.json: not a proxy work folder" in capsys.readouterr().err
+
+
+def test_every_row_has_its_own_file_in_a_work_folder():
+    names = [*distill_proxy.ROWS, *(variant.name for variant in distill_proxy.ABLATIONS)]
+    stems = {distill_proxy.row_file_stem(name) for name in names}
+    assert len(stems) == len(names)
+    assert all(stem and set(stem) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") for stem in stems)
