@@ -882,7 +882,6 @@ def run_proxy(
     (None: a temporary folder). With ``time_limit`` (seconds from the start of this call) the
     run raises Stopped before the first unit of work that would start later, all done so far
     saved in ``work``: calling again continues it."""
-    size = SIZES[size_name]
     device = torch.device(device or default_device())
     deadline = Deadline(time_limit)
     with contextlib.ExitStack() as stack:
@@ -913,12 +912,7 @@ def run_proxy(
             if name not in ("teacher", "plain ternary"):
                 table[name]["recovered_share"] = shares({**rows, **table}, name)
     return {
-        "benchmark": "distill_proxy",
-        "size": size_name,
-        "seed": seed,
-        "device": str(device),
-        "settings": asdict(size),
-        "flux_config": flux_config(size).as_dict(),
+        **identity(size_name, seed, device),
         "real_digits": {
             "train": len(proxy.digits.train_labels),
             "test": len(proxy.digits.test_labels),

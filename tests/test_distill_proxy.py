@@ -143,15 +143,17 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert "seeds 0:" in summary and "| distilled from calibrated |" in summary
 
 
-def test_summary_gives_mean_and_range_over_seeds():
-    def result(seed: int, share: float) -> dict:
-        rows = {n: {"velocity_mse": 0.1, "accuracy": 0.5, "frechet_distance": 9.0}
-                for n in distill_proxy.ROWS}  # fmt: skip
-        for name in distill_proxy.ROWS[2:]:
-            rows[name]["recovered_share"] = {"accuracy": share, "frechet_distance": 0.5}
-        return {"size": "small", "seed": seed, "rows": rows, "ablations": {}}
+def seed_result(seed: int, share: float) -> dict:
+    """A small-size result of one seed whose trained rows all recover ``share`` of accuracy."""
+    rows = {n: {"velocity_mse": 0.1, "accuracy": 0.5, "frechet_distance": 9.0}
+            for n in distill_proxy.ROWS}  # fmt: skip
+    for name in distill_proxy.ROWS[2:]:
+        rows[name]["recovered_share"] = {"accuracy": share, "frechet_distance": 0.5}
+    return {"size": "small", "seed": seed, "rows": rows, "ablations": {}}
 
-    text = distill_proxy.summarize([result(0, 0.9), result(1, 0.96)])
+
+def test_summary_gives_mean_and_range_over_seeds():
+    text = distill_proxy.summarize([seed_result(0, 0.9), seed_result(1, 0.96)])
     assert "| distilled from calibrated | 93.0 % [90.0, 96.0] | 50.0 % [50.0, 50.0] |" in text
 
 
@@ -182,14 +184,12 @@ def test_variant_picks_ablations_by_name_and_refuses_unknown_ones(capsys):
 
 
 def test_summary_keeps_held_out_seeds_apart():
-    def result(seed: int, share: float) -> dict:
-        rows = {n: {"velocity_mse": 0.1, "accuracy": 0.5, "frechet_distance": 9.0}
-                for n in distill_proxy.ROWS}  # fmt: skip
-        for name in distill_proxy.ROWS[2:]:
-            rows[name]["recovered_share"] = {"accuracy": share, "frechet_distance": 0.5}
-        return {"size": "small", "seed": seed, "rows": rows, "ablations": {}}
-
-    results = [result(3, 0.98), result(0, 0.9), result(1, 0.96), result(2, 0.97)]
+    results = [
+        seed_result(3, 0.98),
+        seed_result(0, 0.9),
+        seed_result(1, 0.96),
+        seed_result(2, 0.97),
+    ]
     text = distill_proxy.summary_text(results, held_out={2, 3})
     chosen, held_out, every = text.split("## ")[1:]
     assert chosen.startswith("Seeds the recipes were chosen on") and "seeds 0, 1:" in chosen
