@@ -29,8 +29,7 @@ import torch
 from safetensors import safe_open
 
 from ..ternary.atomic import write_json_atomic
-from ..ternary.fileformat import StreamingWriter
-from ..ternary.integrity import DIGEST_KEY, tensor_digest
+from ..ternary.integrity import DamagedFileError, read_checked, write_checked
 from .schedule import (
     derived_seed,
     resolution_shift,
@@ -228,34 +227,17 @@ def _shard_ids(path: Path) -> list[int] | None:
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a shard, checked against the digest in its header (shards of older
     builds, without one, are read as they are)."""
-    advice = (
-        "delete it and build the teacher data set again into the same folder: that shard is "
-        "redone, the finished ones are kept"
-    )
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    except Exception as err:  # safetensors' own error type, or OSError
+        return read_checked(path, "shard", required=False)[0]
+    except DamagedFileError as err:
         raise TeacherDataError(
-            f"{path}: not a readable shard ({str(err)[:80]}); {advice}"
+            f"{err}; delete it and build the teacher data set again into the same folder: that "
+            "shard is redone, the finished ones are kept"
         ) from None
-    expected = metadata.get(DIGEST_KEY)
-    if expected is not None and tensor_digest(tensors) != expected:
-        raise TeacherDataError(
-            f"{path}: damaged: its tensors do not match the sha256 in its header; {advice}"
-        )
-    return tensors
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: list[int]) -> None:
-    """A shard through the pack's StreamingWriter: atomic, a full disk reported, the same
-    bytes for the same tensors (safetensors' own writer orders the metadata at random)."""
-    metadata = {"samples": json.dumps(ids), DIGEST_KEY: tensor_digest(tensors)}
-    entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
-    with StreamingWriter(path, entries, metadata, overwrite=True) as writer:
-        for key, tensor in tensors.items():
-            writer.write(key, tensor)
+    write_checked(path, tensors, {"samples": json.dumps(ids)})
 
 
 def _shard_is_done(path: Path, ids: list[int]) -> bool:
