@@ -1,0 +1,189 @@
+"""Work kept beside an output while a long job runs, so that running the same command again
+after an interruption (Ctrl-C, SIGTERM, a crash, out of memory, a time limit) resumes it.
+
+A store is a folder beside the output (:func:`store_path`) holding ``run.json``, the record of
+what the job is (its source file's identity and every setting its result depends on), and one
+file per finished piece of the job (``KEY.safetensors``, digest-checked and written
+atomically by ternary/integrity.write_checked). A rerun with other settings is refused with
+the settings that differ named. Pieces finish in order, so a store holds the first pieces of
+the job: a piece whose digest fails is reported and computed again, with every piece after it.
+The job removes the store once its output is complete; after a failure it stays. Nothing here
+knows what the pieces are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .atomic import NAME_MAX, write_json_atomic
+from .integrity import DamagedFileError, read_checked, write_checked
+
+RECORD = "run.json"
+FORMAT = "ternary-flux-resume"
+VERSION = 1
+PIECE = ".safetensors"
+START_OVER = "start over with --restart (or delete that folder)"
+
+
+class ResumeError(ValueError):
+    """A store that cannot be resumed as asked (other settings, not a store); the message says
+    what differs and how to start over."""
+
+
+def store_path(output: str | os.PathLike, job: str) -> Path:
+    """The store of ``job`` for ``output``: ``OUTPUT.JOB-partial`` beside it (a digest of the
+    output's name instead when that name would be too long for the file system)."""
+    output = Path(output)
+    name = f"{output.name}.{job}-partial"
+    if len(name.encode()) > NAME_MAX:
+        name = f"{hashlib.sha256(output.name.encode()).hexdigest()[:24]}.{job}-partial"
+    return output.with_name(name)
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a store (its record written: at least one finished piece)."""
+    return (Path(path) / RECORD).is_file()
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, object]:
+    """What tells a source file from another, or from itself once changed: name, size, mtime."""
+    path = Path(path)
+    stat = path.stat()
+    return {"name": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _differences(old: Mapping, new: Mapping) -> list[str]:
+    """'KEY OLD there, NEW now' for every setting that differs (nested ones just named)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        scalar = not isinstance(a, dict | list) and not isinstance(b, dict | list)
+        out.append(f"{key} {a!r} there, {b!r} now" if scalar else f"{key} differs")
+    return out
+
+
+class ResumeStore:
+    """The store of one job at ``path``; ``identity`` names the job's source (for instance
+    :func:`file_identity`). ``restart``: discard what a store holds instead of resuming it.
+    ``log`` receives the lines a user should see (a damaged piece computed again)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        identity: Mapping[str, object],
+        restart: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.identity = dict(identity)
+        self.restart = restart
+        self.log = log or (lambda _line: None)
+        self._record: dict | None = None
+        self._written = False
+
+    def _piece(self, key: str) -> Path:
+        return self.path / f"{key}{PIECE}"
+
+    def _saved_record(self) -> dict | None:
+        """The record of the store on disk; None when there is no store (or an empty folder)."""
+        if not self.path.exists():
+            return None
+        if not self.path.is_dir():
+            raise ResumeError(f"{self.path} is in the way of the resume store; move it away")
+        record = self.path / RECORD
+        if not record.exists():
+            if any(self.path.iterdir()):
+                raise ResumeError(
+                    f"{self.path} is a folder, but not a resume store of this pack (no {RECORD}); "
+                    "move it away"
+                )
+            return None
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ResumeError(f"{record} is damaged ({str(err)[:80]}); {START_OVER}") from None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise ResumeError(f"{record} is not a resume record of this pack; move it away")
+        if saved.get("version") != VERSION:
+            raise ResumeError(
+                f"{record} is of resume store version {saved.get('version')}, this pack reads "
+                f"version {VERSION}; {START_OVER}"
+            )
+        return saved
+
+    def begin(self, settings: Mapping[str, object], keys: Sequence[str]) -> int:
+        """Open the store for a job of these ``settings`` (JSON values) and pieces ``keys`` (in
+        the job's order); returns how many of the first pieces are done and intact. Refuses a
+        store of other settings (ResumeError) before any work is done."""
+        record = {"format": FORMAT, "version": VERSION, "source": self.identity, **settings}
+        record = json.loads(json.dumps(record))  # tuples as lists, as read back
+        saved = self._saved_record()
+        if saved is not None and self.restart:
+            self.remove()
+            saved = None
+        self._record = record
+        if saved is None:
+            return 0
+        differ = _differences(
+            {k: v for k, v in saved.items() if k not in ("format", "version")},
+            {k: v for k, v in record.items() if k not in ("format", "version")},
+        )
+        if differ:
+            raise ResumeError(
+                f"{self.path} holds an interrupted run with other settings ({'; '.join(differ)}); "
+                f"rerun with the same settings to resume it, or {START_OVER}"
+            )
+        self._written = True  # the record is there already
+        done = 0
+        for key in keys:
+            path = self._piece(key)
+            if not path.exists():
+                break
+            try:
+                read_checked(path, "resume piece")
+            except DamagedFileError as err:
+                self.log(f"{err}; computing it again")
+                break
+            done += 1
+        for key in keys[done:]:  # what came after a damaged piece is not trusted
+            self._piece(key).unlink(missing_ok=True)
+        return done
+
+    def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, metadata) of a finished piece, checked again as it is read."""
+        try:
+            return read_checked(self._piece(key), "resume piece")
+        except DamagedFileError as err:
+            raise DamagedFileError(f"{err}; run the command again to compute it again") from None
+
+    def put(self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]):
+        """Keep a finished piece (the record first, with the store's first piece)."""
+        if self._record is None:
+            raise RuntimeError("ResumeStore.put before begin")
+        if not self._written:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path / RECORD, self._record)
+            self._written = True
+        write_checked(self._piece(key), tensors, metadata)
+
+    def remove(self) -> None:
+        """Delete the store: its record, its pieces, the temporaries of interrupted writes (a
+        folder that holds anything else is left, with that)."""
+        if not self.path.is_dir():
+            return
+        for path in self.path.iterdir():
+            ours = path.name == RECORD or path.name.endswith((PIECE, ".partial"))
+            if ours and path.is_file():
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+        self._written = False
