@@ -2,9 +2,10 @@
 
 Every refusal and every failure of the file system is one line ``error: ...`` on stderr that
 names the file; Ctrl-C and SIGTERM end a command cleanly (a file being written is removed,
-finally-blocks run). Exit codes (stable): 0 done; 2 refused input (bad file, bad setting,
-an output that exists); 3 out of memory; 4 the file system failed or refused (disk full,
-read-only folder, no permission, name too long, a folder where a file should be); 130
+finally-blocks run; a calibrated quantization keeps its finished blocks beside the output and
+resumes from them when run again). Exit codes (stable): 0 done; 2 refused input (bad file, bad
+setting, an output that exists); 3 out of memory; 4 the file system failed or refused (disk
+full, read-only folder, no permission, name too long, a folder where a file should be); 130
 interrupted (Ctrl-C); 143 terminated (SIGTERM). Anything else is a bug and shows a traceback.
 """
 
@@ -92,7 +93,7 @@ def _device(name: str) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..models.family import random_source
-    from ..models.files import quantize_file, quantize_tensors
+    from ..models.files import quantize_tensors
     from ..models.registry import random_spec
 
     device = _device(args.device)
@@ -103,6 +104,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibration = _calibration(args)
     elif args.calibration_samples is not None or args.calibration_inputs is not None:
         raise ValueError("--calibration-samples and --calibration-inputs need --calibrate DATA")
+    elif args.restart:
+        raise ValueError("--restart needs --calibrate DATA (only calibration resumes)")
     options = dict(
         lora_rank=args.lora_rank,
         scale_rule=args.scale_rule or "absmean",
@@ -126,10 +129,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         src = Path(args.src)
         out = Path(args.output or src.with_name(f"{src.stem}-ternary.safetensors"))
-        report = quantize_file(src, out, **options)
+        report = _quantize_resumable(src, out, options, args.restart)
     print(report.format())
     print(f"wrote {out}")
     return 0
+
+
+def _quantize_resumable(src: Path, out: Path, options: dict, restart: bool):
+    """quantize_file; a calibrated run that stops keeps its finished blocks, and says where."""
+    from ..models.files import calibration_store, quantize_file
+    from ..ternary.resume import ResumeError, is_store
+
+    if options["calibration"] is None:
+        return quantize_file(src, out, **options)
+    try:
+        return quantize_file(src, out, **options, restart=restart, log=print)
+    except ResumeError:
+        raise
+    except BaseException:
+        store = calibration_store(out)
+        if is_store(store):
+            print(
+                f"the finished blocks are kept in {store}: run the same command again to "
+                "resume (--restart starts over)",
+                file=sys.stderr,
+            )
+        raise
 
 
 def _calibration(args: argparse.Namespace):
@@ -271,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda")
     q.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    q.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --calibrate: discard the blocks an interrupted run kept beside the output "
+        "(OUTPUT.calibration-partial) and start over; without it the same command resumes",
+    )
     q.set_defaults(func=cmd_quantize)
 
     r = sub.add_parser(

@@ -38,6 +38,7 @@ from ..ternary.fileformat import (
     read_ternary_file,
 )
 from ..ternary.quantize import quantize_layer
+from ..ternary.resume import ResumeStore, file_identity, store_path
 from . import flux1
 from .family import PREFIXES, Family, ModelFamilyError, strip_prefix
 from .flux1_calibrate import Calibration, FluxCalibrator
@@ -143,7 +144,8 @@ class _Quantizer:
     """make_layer for the conversion loop, set up from a dense source as both quantizers
     (in memory, streamed) need it: the source's family, the layers that become ternary, the
     report counting the source, the header of the result stored in ``stored_packing`` and
-    the calibrator of ``calibration`` (made last: it embeds the examples). Each layer goes
+    the calibrator of ``calibration`` (made last: it embeds the examples; with a ``store``
+    it keeps its finished blocks there and resumes from them). Each layer goes
     through the one per-layer quantizer, errors reported; with a calibrator, the layers it
     quantized with their calibration Hessians."""
 
@@ -158,6 +160,7 @@ class _Quantizer:
         calibration: Calibration | None,
         stored_packing: str,
         source: str | None = None,
+        store: ResumeStore | None = None,
     ) -> None:
         family, config = detect_family(logical(shapes))
         self.layers = ternary_layers(family, shapes, lora_rank)
@@ -175,7 +178,7 @@ class _Quantizer:
         self.lora_rank, self.scale_rule = lora_rank, scale_rule
         self.packing, self.device = packing, device
         self.calibrator = calibrator_for(
-            family, shapes, get, calibration, lora_rank, scale_rule, packing, device
+            family, shapes, get, calibration, lora_rank, scale_rule, packing, device, store
         )
 
     def __call__(self, module: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -211,17 +214,24 @@ def calibrator_for(
     scale_rule: str,
     packing: str,
     device: torch.device | str,
+    store: ResumeStore | None = None,
 ) -> FluxCalibrator | None:
     """The calibrator of a source (FLUX.1 only; others refused by name), or None. Checks the
-    examples against the model before anything is written."""
+    examples against the model (and a store's settings) before anything is written."""
     if calibration is None:
         return None
     if family is not flux1.FAMILY:
         raise ModelFamilyError(calibration_refusal(family.title))
     return FluxCalibrator(
         logical(shapes), get, calibration, lora_rank=lora_rank, scale_rule=scale_rule,
-        packing=packing, device=device,
+        packing=packing, device=device, store=store,
     )  # fmt: skip
+
+
+def calibration_store(dst: str | os.PathLike) -> Path:
+    """Where a calibrated quantization into ``dst`` keeps its finished blocks until it is
+    done: ``DST.calibration-partial/`` beside it."""
+    return store_path(dst, "calibration")
 
 
 def family_of_file(src: str | os.PathLike) -> Family:
@@ -279,17 +289,27 @@ def quantize_file(
     overwrite: bool = False,
     progress: Progress | None = None,
     calibration: Calibration | None = None,
+    restart: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> QuantizeReport:
-    """Stream a dense safetensors file of a known family into a v1 ternary file."""
+    """Stream a dense safetensors file of a known family into a v1 ternary file.
+
+    A calibrated quantization keeps every finished block in :func:`calibration_store` (dst),
+    so that the same call after an interruption resumes it (``log`` hears "resuming: ...");
+    ``restart`` discards a store of an earlier run instead. The store is removed once the
+    file is written."""
     src, dst = Path(src), Path(dst)
     check_target(dst, overwrite=True)  # a name too long, a folder, a folder not writable
     if dst.exists() and src.resolve() == dst.resolve():
         raise ValueError("the output must not be the source file")
+    store = None
+    if calibration is not None:
+        store = ResumeStore(calibration_store(dst), file_identity(src), restart, log)
     with MmapReader(src) as reader:
         shapes, get = dense_tensors(reader)
         return quantize_tensors(
             shapes, get, dst, lora_rank, scale_rule, packing, device, overwrite, progress,
-            source=src.name, calibration=calibration,
+            source=src.name, calibration=calibration, store=store,
         )  # fmt: skip
 
 
@@ -305,6 +325,7 @@ def quantize_tensors(
     progress: Progress | None = None,
     source: str | None = None,
     calibration: Calibration | None = None,
+    store: ResumeStore | None = None,
 ) -> QuantizeReport:
     """Quantize a dense model given tensor by tensor into a v1 file, streaming: ``shapes``
     ({BFL key: (dtype, shape)}, in file order) and ``get(key)``, asked for each key once in
@@ -313,7 +334,9 @@ def quantize_tensors(
 
     With ``calibration`` (FLUX.1 only) ``get`` must answer any key at any time (a file or a
     state dict): the calibrator reads the blocks in the model's order, whatever the file's;
-    the examples are checked against the model before the output is opened."""
+    the examples are checked against the model before the output is opened. ``store``
+    (ternary/resume.py): where the calibrator keeps finished blocks and finds those of an
+    interrupted run (removed once the file is written; it stays after a failure)."""
     start = time.perf_counter()
     dst = Path(dst)
     if lora_rank < 0:
@@ -321,12 +344,14 @@ def quantize_tensors(
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
     quantizer = _Quantizer(
-        shapes, get, lora_rank, scale_rule, packing, device, calibration, packing, source
+        shapes, get, lora_rank, scale_rule, packing, device, calibration, packing, source, store
     )
     layers, report = quantizer.layers, quantizer.report
     loop = convert(list(shapes), get, layers, quantizer, progress=progress)
     entries = plan_entries(shapes, layers, packing)
     write_converted(dst, entries, quantizer.metadata, loop, overwrite=overwrite)
+    if quantizer.calibrator is not None and store is not None:
+        store.remove()
     quantizer.finish()
     report.bytes_after = dst.stat().st_size
     report.seconds = time.perf_counter() - start

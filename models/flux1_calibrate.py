@@ -17,6 +17,13 @@ Memory: the hidden states of all examples (examples x tokens x hidden in the com
 256 FLUX.1-dev examples at 1024x1024 are 7.2 GB in bf16), one dense block, and the Hessians
 of one group of linears (at most 2 x 12288^2 or 15360^2 float64: 2.4 GB).
 
+Resume: with a store (ternary/resume.py), every finished block's calibrated tensors and errors
+are kept there as one piece. A calibrator given a store that holds the first blocks of an
+interrupted run with the same settings loads their layers instead of calibrating them, and
+runs the examples through them (their quantized layers for ``quantized`` inputs, dense for
+``dense``) to rebuild the hidden states at the first unfinished block: exactly the inputs an
+uninterrupted run gives it, so the result is the same, bit for bit.
+
 Knows nothing of teacher data sets: the caller hands the examples (distill/calibration.py
 reads them from one).
 """
@@ -33,9 +40,11 @@ import torch
 from torch import nn
 
 from ..ternary.calibrate import CalibrationError, CalibrationOptions, HessianAccumulator
-from ..ternary.fileformat import LORA_DTYPE
+from ..ternary.fileformat import LORA_DTYPE, layer_entries
+from ..ternary.integrity import DamagedFileError
 from ..ternary.packing import unpack
 from ..ternary.quantize import LayerError, quantize_layer
+from ..ternary.resume import START_OVER, ResumeStore
 from .flux1 import FluxConfig, detect_config
 from .flux1_torch import (
     DoubleStreamBlock,
@@ -121,7 +130,8 @@ class FluxCalibrator:
     error, processing every block up to the one that holds it; results of blocks processed
     ahead of their turn wait on the CPU until they are asked for. The examples are checked
     against the model and embedded in the constructor: a data set of another model is
-    refused before anything is quantized or written.
+    refused before anything is quantized or written. With a ``store`` each finished block
+    is kept in it, and the blocks it already holds (same settings) are loaded, not redone.
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class FluxCalibrator:
         packing: str = "2bit",
         lora_dtype: torch.dtype = LORA_DTYPE,
         device: torch.device | str = "cpu",
+        store: ResumeStore | None = None,
     ) -> None:
         self.config: FluxConfig = detect_config(shapes)
         self.shapes, self._source = shapes, get
@@ -153,11 +164,37 @@ class FluxCalibrator:
         self._results: dict[str, tuple[dict[str, torch.Tensor], LayerError]] = {}
         self.errors: list[LayerError] = []
         self.seconds = 0.0
+        self.store, self.resumed = store, 0
+        if store is not None:  # other settings are refused before any work
+            self.resumed = store.begin(self.settings(), [self._prefix(i) for i in self._order])
+            if self.resumed:
+                store.log(
+                    f"resuming: {self.resumed} of {len(self._order)} blocks done (kept in "
+                    f"{store.path})"
+                )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
         self._embed()
         self.seconds += time.perf_counter() - started
+
+    def settings(self) -> dict[str, object]:
+        """Everything the calibrated layers depend on besides the source weights (what a
+        resumed run must match)."""
+        return {
+            **json.loads(self.calibration.metadata()),
+            "batch_size": self.calibration.batch_size,
+            "activations": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type,
+            "lora_rank": self.lora_rank,
+            "lora_dtype": str(self.lora_dtype).removeprefix("torch."),
+            "scale_rule": self.scale_rule,
+            "packing": self.packing,
+        }
+
+    @staticmethod
+    def _prefix(block: tuple[str, int]) -> str:
+        return f"{block[0]}_blocks.{block[1]}"
 
     # ----------------------------------------------------------------- source and examples
 
@@ -308,33 +345,85 @@ class FluxCalibrator:
             raise ValueError(f"{module}: {err}") from None
         error.name = module
         if self.sequential:  # what the next group (and block) see: the quantized layer
-            linear = block.get_submodule(name)
-            k = weight.shape[1]
-            approx = (
-                unpack(parts["weight"], self.packing, k).float() * parts["weight_scale"][:, None]
-            )
-            if self.lora_rank:
-                approx += parts["lora_up"].float() @ parts["lora_down"].float()
-            linear.weight.data.copy_(approx)
+            self._use_quantized(block.get_submodule(name), parts)
         self._results[module] = ({k: v.cpu() for k, v in parts.items()}, error)
         self.errors.append(error)
         if self.calibration.progress is not None:
             self.calibration.progress(len(self.errors), self.total_layers, module)
+
+    def _use_quantized(self, linear: nn.Module, parts: Mapping[str, torch.Tensor]) -> None:
+        """Make a dense block linear compute what its ternary layer (``parts``) computes."""
+        parts = {key: value.to(self.device) for key, value in parts.items()}
+        k = linear.in_features
+        approx = unpack(parts["weight"], self.packing, k).float() * parts["weight_scale"][:, None]
+        if self.lora_rank:
+            approx += parts["lora_up"].float() @ parts["lora_down"].float()
+        linear.weight.data.copy_(approx)
+
+    def _keep(self, prefix: str, names: Sequence[str]) -> None:
+        """The block's finished layers into the store, as one piece."""
+        tensors, errors = {}, []
+        for name in names:
+            parts, error = self._results[f"{prefix}.{name}"]
+            tensors.update({f"{prefix}.{name}.{suffix}": t for suffix, t in parts.items()})
+            errors.append(dataclasses.asdict(error))
+        self.store.put(prefix, tensors, {"block": prefix, "errors": json.dumps(errors)})
+
+    def _restore(self, block: nn.Module | None, prefix: str, names: Sequence[str]) -> None:
+        """The block's layers and errors from the store (each checked against the layer
+        schema); with quantized inputs ``block`` (when given) then computes with them."""
+        tensors, metadata = self.store.get(prefix)
+        try:
+            errors = json.loads(metadata["errors"])
+            expected = set()
+            for name, saved in zip(names, errors, strict=True):
+                module = f"{prefix}.{name}"
+                n, k = self.shapes[f"{module}.weight"]
+                schema = layer_entries(n, k, self.packing, self.lora_rank, self.lora_dtype)
+                parts = {suffix: tensors[f"{module}.{suffix}"] for suffix in schema}
+                for suffix, (dtype, shape) in schema.items():
+                    if parts[suffix].dtype != dtype or tuple(parts[suffix].shape) != shape:
+                        raise ValueError(f"{module}.{suffix} is not {dtype} {list(shape)}")
+                error = LayerError(**{**saved, "shape": tuple(saved["shape"])})
+                if error.name != module:
+                    raise ValueError(f"the errors of {error.name} where {module}'s belong")
+                expected.update(f"{module}.{suffix}" for suffix in schema)
+                self._results[module] = (parts, error)
+                self.errors.append(error)
+                if block is not None and self.sequential:
+                    self._use_quantized(block.get_submodule(name), parts)
+            if set(tensors) != expected:
+                raise ValueError(f"{sorted(set(tensors) - expected)[0]} is not a layer of it")
+        except (KeyError, TypeError, ValueError) as err:
+            raise DamagedFileError(
+                f"{self.store.path}: the piece of {prefix} does not hold its layers "
+                f"({str(err)[:120]}); {START_OVER}"
+            ) from None
 
     def _process(self, kind: str, index: int) -> None:
         prefix = f"{kind}_blocks.{index}"
         if kind == "single" and not self.joint:  # the double blocks are done: one stream
             self.joint = [torch.cat((t, i)) for t, i in zip(self.txt, self.img, strict=True)]
             self.img, self.txt = [], []
-        block = self._block(kind, index)
         groups = DOUBLE_GROUPS if kind == "double" else SINGLE_GROUPS
-        if not self.sequential:
-            groups = (sum(groups, ()),)
-        for names in groups:
-            hessians = self._capture(block, kind, names)
-            for name in names:
-                self._quantize(block, prefix, name, hessians.pop(name))
         last = self._next == len(self._order) - 1
+        if self._next < self.resumed:  # finished by an interrupted run: loaded
+            if self.resumed == len(self._order):  # no block after it needs its outputs
+                self._restore(None, prefix, sum(groups, ()))
+                self.img, self.txt, self.joint = [], [], []
+                return
+            block = self._block(kind, index)
+            self._restore(block, prefix, sum(groups, ()))
+        else:
+            block = self._block(kind, index)
+            if not self.sequential:
+                groups = (sum(groups, ()),)
+            for names in groups:
+                hessians = self._capture(block, kind, names)
+                for name in names:
+                    self._quantize(block, prefix, name, hessians.pop(name))
+            if self.store is not None:
+                self._keep(prefix, sum(groups, ()))
         if not last:  # the next block's inputs
             with torch.no_grad():
                 for batch in self.batches:

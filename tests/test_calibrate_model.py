@@ -1,10 +1,12 @@
 """Calibrated quantization of a whole FLUX.1 model: the block-by-block Hessians against a
 float64 reference, ``quantize --calibrate`` end to end and its refusals, the calibrated
-student of ``init = "calibrated"``."""
+student of ``init = "calibrated"``, and resuming an interrupted calibration."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,13 @@ from comfyui_ternary_flux.distill.teacher import (
 from comfyui_ternary_flux.distill.train import check_run, distill
 from comfyui_ternary_flux.models import flux1_calibrate
 from comfyui_ternary_flux.models.family import random_weights
-from comfyui_ternary_flux.models.files import load_ternary_model
+from comfyui_ternary_flux.models.files import calibration_store, load_ternary_model
 from comfyui_ternary_flux.models.flux1 import FluxConfig, flux_shapes
 from comfyui_ternary_flux.models.flux1_calibrate import Calibration, FluxCalibrator
 from comfyui_ternary_flux.models.flux1_torch import flux_from_state_dict
 from comfyui_ternary_flux.ternary.calibrate import CalibrationError, accumulate_hessian
+from comfyui_ternary_flux.ternary.integrity import read_checked, write_checked
+from comfyui_ternary_flux.ternary.resume import ResumeStore
 
 # One double and one single block, hidden 128 (one 128-wide head): 13 ternary layers.
 SMALL = FluxConfig(
@@ -272,3 +276,198 @@ def test_distillation_from_the_calibrated_start(job, tmp_path):
         load_student(result.output, 4, calibration=calibration)
     with pytest.raises(ValueError, match="calibration_samples 99 is larger"):
         check_run(DistillConfig(**{**base, "calibration_samples": 99}, init="calibrated"), dataset)
+
+
+# --------------------------------------------------------------------------- resume
+
+# Two double and two single blocks (26 ternary layers), the widths of SMALL: the data set
+# of ``job`` fits it (calibration only runs the source model on its latents and conditioning).
+DEEP = FluxConfig(
+    hidden_size=128, num_heads=1, depth=2, depth_single_blocks=2, mlp_ratio=2.0,
+    context_in_dim=64, vec_in_dim=32,
+)  # fmt: skip
+DEEP_LAYERS = {"double": 10, "single": 3}  # ternary linears per block
+ORDER = ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
+
+
+@pytest.fixture(scope="module")
+def deep(job, tmp_path_factory) -> dict:
+    """deep.safetensors beside the data set, and the file an uninterrupted run makes of it,
+    for each inputs mode."""
+    src = job / "deep.safetensors"
+    save_file(random_weights(flux_shapes(DEEP), 7, dtype=torch.float32), str(src))
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    reference = {}
+    for inputs in flux1_calibrate.INPUTS:
+        out = folder / f"{inputs}.safetensors"
+        assert main([*_deep_args(job, src, out), "--calibration-inputs", inputs]) == 0
+        reference[inputs] = out.read_bytes()
+    return {"src": src, "reference": reference}
+
+
+def _deep_args(job: Path, src: Path, out: Path) -> list[str]:
+    return [
+        "quantize", str(src), "-o", str(out), "--lora-rank", "4", "--packing", "2bit",
+        "--calibrate", str(job / "data"), "--calibration-samples", "8",
+    ]  # fmt: skip
+
+
+def _layers_quantized(monkeypatch) -> list[str]:
+    """Counts the layers the calibrator quantizes (the shapes of the weights it is given)."""
+    calls: list[str] = []
+    real = flux1_calibrate.quantize_layer
+
+    def counting(weight, *args, **kwargs):
+        calls.append(tuple(weight.shape))
+        return real(weight, *args, **kwargs)
+
+    monkeypatch.setattr(flux1_calibrate, "quantize_layer", counting)
+    return calls
+
+
+def _interrupt_after_blocks(monkeypatch, blocks: int, how: str = "ctrl-c") -> None:
+    """Ctrl-C (or SIGTERM) right after the store kept its ``blocks``-th block."""
+    real = ResumeStore.put
+    kept = []
+
+    def put(self, key, tensors, metadata):
+        real(self, key, tensors, metadata)
+        kept.append(key)
+        if len(kept) == blocks:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ResumeStore, "put", put)
+
+
+def _pieces(store: Path) -> list[str]:
+    return sorted(p.name for p in store.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "blocks", "how", "code"),
+    [
+        ("quantized", 1, "ctrl-c", 130),  # inside the double stream
+        ("quantized", 3, "sigterm", 143),  # past the switch to the single stream
+        ("quantized", 4, "ctrl-c", 130),  # every block done, the file not yet written
+        ("dense", 2, "ctrl-c", 130),
+    ],
+)
+def test_an_interrupted_calibration_resumes_to_the_same_file(
+    job, deep, tmp_path, monkeypatch, capsys, inputs, blocks, how, code
+):
+    """The must-have: interrupted after k blocks, the same command again loads those k
+    blocks, restores the hidden states at block k + 1 and makes the file an uninterrupted
+    run makes, byte for byte; the store is gone afterwards."""
+    out = tmp_path / "out.safetensors"
+    args = [*_deep_args(job, deep["src"], out), "--calibration-inputs", inputs]
+    store = calibration_store(out)
+    assert store == tmp_path / "out.safetensors.calibration-partial"
+    with monkeypatch.context() as patch:
+        _interrupt_after_blocks(patch, blocks, how)
+        assert main(args) == code
+    err = capsys.readouterr().err
+    assert not out.exists() and _pieces(store) == sorted(f"{b}.safetensors" for b in ORDER[:blocks])
+    assert f"the finished blocks are kept in {store}: run the same command again" in err
+    assert err.strip().splitlines()[-1].startswith(("error: interrupted", "error: terminated"))
+
+    calls = _layers_quantized(monkeypatch)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert f"resuming: {blocks} of 4 blocks done (kept in {store})" in text
+    assert "26 of 26 layers lower" in text  # the report holds the kept blocks' errors too
+    done = sum(DEEP_LAYERS[b.split("_")[0]] for b in ORDER[:blocks])
+    assert len(calls) == 26 - done  # the kept blocks were not calibrated again
+    assert out.read_bytes() == deep["reference"][inputs]
+    assert not store.exists()
+
+
+def test_a_resume_with_other_settings_is_refused_and_restart_starts_over(
+    job, deep, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out.safetensors"
+    args = _deep_args(job, deep["src"], out)
+    store = calibration_store(out)
+    with monkeypatch.context() as patch:
+        _interrupt_after_blocks(patch, 2)
+        assert main(args) == 130
+    kept = {p.name: p.read_bytes() for p in store.iterdir()}
+    capsys.readouterr()
+
+    def refused(*changed: str) -> str:
+        assert main([*args, *changed]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err  # one line, no note about resuming
+        assert {p.name: p.read_bytes() for p in store.iterdir()} == kept and not out.exists()
+        assert f"{store} holds an interrupted run with other settings" in err
+        assert "start over with --restart (or delete that folder)" in err
+        return err
+
+    assert "lora_rank 4 there, 8 now" in refused("--lora-rank", "8")
+    assert "samples 8 there, 6 now" in refused("--calibration-samples", "6")
+    assert "inputs 'quantized' there, 'dense' now" in refused("--calibration-inputs", "dense")
+    assert "packing '2bit' there, 'base3' now" in refused("--packing", "base3")
+    other_data = tmp_path / "other-data"  # same examples' shapes, other prompts
+    teacher = flux_from_state_dict(small_state(), dtype=torch.float32).eval()
+    build_teacher_dataset(other_data, [p + "!" for p in PROMPTS], encoder(),
+                          model_velocity_fn(teacher), SETTINGS, log=lambda _: 0)  # fmt: skip
+    err = refused("--calibrate", str(other_data))
+    assert "data 'data' there, 'other-data' now" in err and "data_fingerprint" in err
+    stat = deep["src"].stat()
+    try:  # the same name, but the file changed since
+        os.utime(deep["src"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert "source differs" in refused()
+    finally:
+        os.utime(deep["src"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    calls = _layers_quantized(monkeypatch)
+    assert main([*args, "--lora-rank", "8", "--restart"]) == 0
+    assert "resuming" not in capsys.readouterr().out and len(calls) == 26
+    assert load_ternary_model(out).lora_rank == 8 and not store.exists()
+    assert main(["quantize", str(deep["src"]), "--restart", "-o", str(tmp_path / "x")]) == 2
+    assert "--restart needs --calibrate" in capsys.readouterr().err
+
+
+def test_a_damaged_block_is_computed_again_with_the_blocks_after_it(
+    job, deep, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out.safetensors"
+    args = _deep_args(job, deep["src"], out)
+    store = calibration_store(out)
+    with monkeypatch.context() as patch:
+        _interrupt_after_blocks(patch, 3)
+        assert main(args) == 130
+    damaged = store / "double_blocks.1.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0x01  # a flipped bit in the last tensor's bytes
+    damaged.write_bytes(bytes(data))
+    capsys.readouterr()
+    calls = _layers_quantized(monkeypatch)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert f"{damaged}: damaged: its tensors do not match the sha256 in its header; " in text
+    assert "computing it again" in text and "resuming: 1 of 4 blocks done" in text
+    assert len(calls) == 26 - 10  # double block 1 and everything after it: again
+    assert out.read_bytes() == deep["reference"]["quantized"] and not store.exists()
+
+
+def test_a_store_piece_of_other_tensors_is_named(job, deep, tmp_path, monkeypatch, capsys):
+    """A piece whose digest is right but whose tensors are not the block's layers (written by
+    another version, or by hand) is refused by name, not loaded."""
+    out = tmp_path / "out.safetensors"
+    args = _deep_args(job, deep["src"], out)
+    store = calibration_store(out)
+    with monkeypatch.context() as patch:
+        _interrupt_after_blocks(patch, 2)
+        assert main(args) == 130
+    piece = store / "double_blocks.0.safetensors"
+    tensors, metadata = read_checked(piece)
+    tensors.pop("double_blocks.0.img_mlp.2.lora_alpha")
+    metadata.pop("sha256")
+    write_checked(piece, tensors, metadata)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{store}: the piece of double_blocks.0 does not hold its layers" in err
+    assert "lora_alpha" in err and not out.exists() and piece.exists()
