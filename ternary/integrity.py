@@ -82,9 +82,11 @@ def read_checked(
     except Exception as err:  # safetensors' own error type, or OSError
         raise DamagedFileError(f"{path}: not a readable {what} ({str(err)[:80]})") from None
     expected = metadata.get(DIGEST_KEY)
-    if (expected is None and required) or (
-        expected is not None and tensor_digest(tensors) != expected
-    ):
+    if expected is None and required:
+        raise DamagedFileError(
+            f"{path}: no sha256 of its tensors in its header; not a checked {what}"
+        )
+    if expected is not None and tensor_digest(tensors) != expected:
         raise DamagedFileError(
             f"{path}: damaged: its tensors do not match the sha256 in its header"
         )

@@ -5,8 +5,15 @@ import zipfile
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from comfyui_ternary_flux.ternary.integrity import DamagedFileError, check_zip, tensor_digest
+from comfyui_ternary_flux.ternary.integrity import (
+    DamagedFileError,
+    check_zip,
+    read_checked,
+    tensor_digest,
+    write_checked,
+)
 
 
 def flip_member_byte(path, member_part="/data/"):
@@ -47,3 +54,26 @@ def test_tensor_digest_sees_every_byte_name_dtype_and_shape():
         {"x2": tensors["x"], "y": tensors["y"]},
     ]
     assert all(tensor_digest(change) != digest for change in changes)
+
+
+def test_checked_files_come_back_whole_or_are_refused(tmp_path):
+    path = tmp_path / "piece.safetensors"
+    tensors = {"b": torch.arange(6, dtype=torch.uint8), "a": torch.ones(2, 3)}
+    write_checked(path, tensors, {"note": "kept"})
+    first = path.read_bytes()
+    write_checked(path, tensors, {"note": "kept"})  # replaced, to the same bytes
+    assert path.read_bytes() == first and not list(tmp_path.glob(".*partial"))
+    read, metadata = read_checked(path)
+    assert metadata["note"] == "kept" and all(torch.equal(read[k], t) for k, t in tensors.items())
+    data = bytearray(first)
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match="piece.safetensors: damaged: its tensors do not"):
+        read_checked(path)
+    path.write_bytes(first[:-4])  # cut short
+    with pytest.raises(DamagedFileError, match=r"piece.safetensors: not a readable block \("):
+        read_checked(path, "block")
+    save_file(tensors, str(path))  # no digest: refused unless the reader accepts older files
+    with pytest.raises(DamagedFileError, match="no sha256 of its tensors in its header; not a "):
+        read_checked(path)
+    assert torch.equal(read_checked(path, required=False)[0]["b"], tensors["b"])
