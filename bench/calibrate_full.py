@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "-m", "comfyui_ternary_flux", "quantize", str(src), "-o", str(dst),
         "--device", device, "--lora-rank", str(args.lora_rank), "--calibrate", str(data),
         "--calibration-samples", str(samples), "--calibration-inputs", args.inputs, "--force",
+        "--restart",  # timed from the first block: never resume a cut run's blocks
     ]  # fmt: skip
     # The CLI's output goes to a log beside --out as it runs, so a run cut short by a time
     # limit still shows how far calibration got (its progress lines carry the block count).
