@@ -211,12 +211,12 @@ def main() -> int:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
             results.append({"variant": name, "error": f"timed out after {args.timeout} s"})
-            continue
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            results.append({"variant": name, "error": done.stderr[-3000:]})
         else:
-            results.append(json.loads(lines[-1][len("RESULT ") :]))
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                results.append({"variant": name, "error": done.stderr[-3000:]})
+            else:
+                results.append(json.loads(lines[-1][len("RESULT ") :]))
         row = results[-1]
         print(f"{name}: {row.get('seconds_per_step', row.get('error', '')[-300:])}", flush=True)
         summary = write_results(args, results, work)  # after each variant: a cut run keeps it
@@ -236,8 +236,12 @@ def write_results(args: argparse.Namespace, results: list[dict], work: Path) -> 
         "variants": results,
         **summary,
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=1))
+    if args.json:  # atomically: a run cut while writing keeps the previous variants' JSON
+        comfy_env.load_pack()
+        from comfyui_ternary_flux.ternary.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(info, indent=1))
     return summary
 
 

@@ -1075,6 +1075,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.variant and args.ablations:
         parser.error("--variant picks ablations; --ablations already runs every one")
+    if args.held_out and not args.summarize:
+        parser.error("--held-out names seeds of the summary: use it with --summarize")
+    if not all(seed.strip().isdigit() for seed in args.held_out.split(",") if seed.strip()):
+        parser.error(f"--held-out takes comma-separated seeds (numbers), got {args.held_out!r}")
     if args.time_limit is not None and args.work is None:
         parser.error("--time-limit needs --work DIR, the folder that the next call continues from")
     try:

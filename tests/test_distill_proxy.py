@@ -183,6 +183,19 @@ def test_variant_picks_ablations_by_name_and_refuses_unknown_ones(capsys):
         distill_proxy.main(["--size", "tiny", "--ablations", "--variant", names[0]])
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--held-out", "2"], "use it with --summarize"),
+        (["--summarize", "--held-out", "2,x"], "comma-separated seeds (numbers), got '2,x'"),
+    ],
+)
+def test_held_out_seeds_are_checked(args, message, capsys):
+    with pytest.raises(SystemExit):
+        distill_proxy.main(["--size", "tiny", *args])
+    assert message in capsys.readouterr().err
+
+
 def test_summary_keeps_held_out_seeds_apart():
     results = [
         seed_result(3, 0.98),

@@ -131,6 +131,31 @@ def test_render_chart_size_and_content():
         render_chart(ROWS, width=100, height=100)
 
 
+def test_sampling_benchmark_keeps_the_json_of_a_timed_out_variant(tmp_path, monkeypatch, capsys):
+    """A variant that runs past --timeout is recorded as an error in the JSON (written after
+    every variant), and the run still ends with its table and a failing exit code."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import comfy_sampling
+
+    real_run = subprocess.run
+
+    def run(command, **kwargs):
+        if "--child" in command:
+            raise subprocess.TimeoutExpired(command, kwargs.get("timeout"))
+        if "--make-files" in command:
+            return subprocess.CompletedProcess(command, 0)
+        return real_run(command, **kwargs)  # the platform module's own calls
+
+    monkeypatch.setattr(comfy_sampling.subprocess, "run", run)
+    out = tmp_path / "sampling.json"
+    argv = ["comfy_sampling.py", "--config", "tiny", "--device", "cpu", "--work", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out), "--variants", "bf16"])
+    assert comfy_sampling.main() == 1
+    variants = json.loads(out.read_text())["variants"]
+    assert variants == [{"variant": "bf16", "error": "timed out after 900 s"}]
+    assert "| bf16 | error |" in capsys.readouterr().out
+
+
 def test_sampling_benchmark_runs_tiny_on_cpu(tmp_path):
     """bench/comfy_sampling.py end to end on the CPU: files made, each variant in its own
     process through ComfyUI's loaders and sampler, ratios and the A8-vs-A16 latent."""
