@@ -797,8 +797,8 @@ class Proxy:
             "schedule": {  # as the config resolved it
                 "lora_lr": config.lora_lr,
                 "scale_lr": config.lr_scale,
-                "warmup_steps": config.warmup_steps,
-                "min_lr_ratio": config.min_lr_ratio,
+                "warmup_steps": config.resolved().warmup_steps,
+                "min_lr_ratio": config.resolved().min_lr_ratio,
             },
             # The first step shows what the start alone does, the last what training adds.
             "distill_loss": {"first_step": losses[0], "last_step": losses[-1]},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..ternary.quantize import SCALE_RULES
@@ -49,6 +49,7 @@ RECIPES = {
     "svd": StartRecipe(),
     "calibrated": StartRecipe(lr_lora_factor=2.0, warmup_share=0.1, min_lr_ratio=0.1),
 }
+RECIPE_KEYS = ("lr_lora_factor", "warmup_steps", "min_lr_ratio")  # what RECIPES fills in
 MAX_LR = 1.0  # AdamW moves each weight by about lr per step: above 1 nothing can converge
 # Settings that change the result: a resumed run must use the same values.
 RESULT_KEYS = (
@@ -77,7 +78,7 @@ class DistillConfig:
     lr_lora: float = 1e-4  # the LoRA learns at lr_lora * lr_lora_factor
     lr_scale: float = 3e-4
     weight_decay: float = 0.0
-    # None: the init's recipe (RECIPES); set after construction, so a config holds numbers
+    # None: left open, resolved() fills in the start's recipe (RECIPES) or a resumed run's own
     lr_lora_factor: float | None = None  # svd 1, calibrated 2
     warmup_steps: int | None = None  # svd 0, calibrated 10 % of the steps
     min_lr_ratio: float | None = None  # cosine decays to lr * min_lr_ratio; svd 0, calibrated 0.1
@@ -99,9 +100,6 @@ class DistillConfig:
                 raise DistillConfigError(f"{f.name} must be a {kind}, got {value!r}")
         if self.init not in INITS:
             raise DistillConfigError(f"init must be one of {INITS}, got {self.init!r}")
-        for name, value in RECIPES[self.init].defaults(self.steps).items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise DistillConfigError(f"{name} must name a path")
@@ -112,22 +110,23 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise DistillConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for f in fields(self):
-            if f.type.startswith("float") and not math.isfinite(getattr(self, f.name)):
+            value = getattr(self, f.name)
+            if f.type.startswith("float") and value is not None and not math.isfinite(value):
                 raise DistillConfigError(
                     f"{f.name} must be a finite number, got {getattr(self, f.name)}"
                 )
         for name in ("lr_lora", "lr_scale", "weight_decay", "warmup_steps", "lr_lora_factor"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise DistillConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         for name, value in (("lr_lora", self.lora_lr), ("lr_scale", self.lr_scale)):
             if value > MAX_LR:
-                factor = self.lr_lora_factor if name == "lr_lora" else 1
+                factor = self.resolved().lr_lora_factor if name == "lr_lora" else 1
                 factor = f" x lr_lora_factor {factor}" if factor != 1 else ""
                 raise DistillConfigError(
                     f"{name} {getattr(self, name)}{factor} is far too large (at most {MAX_LR}; "
                     "1e-4 to 1e-3 are usual): the run would diverge"
                 )
-        if not 0 <= self.min_lr_ratio <= 1:
+        if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
             raise DistillConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.scale_rule not in SCALE_RULES:
             raise DistillConfigError(f"scale_rule must be one of {SCALE_RULES}")
@@ -139,24 +138,43 @@ class DistillConfig:
                 f"({self.micro_batch})"
             )
 
+    def resolved(self, checkpoint: dict | None = None) -> DistillConfig:
+        """This config with lr_lora_factor, warmup_steps and min_lr_ratio as numbers: the
+        user's where set, else ``checkpoint``'s (a resumed run's fingerprint: it keeps the
+        recipe it began with, even one from before RECIPES), else the start's recipe. The
+        open fields stay None until here, so a changed init or steps still gets its own."""
+        open_ = [f for f in RECIPE_KEYS if getattr(self, f) is None]
+        if not open_:
+            return self
+        values = RECIPES[self.init].defaults(self.steps)
+        if checkpoint is not None:  # (a fingerprint leaves out a factor of 1)
+            values = {
+                **values,
+                "lr_lora_factor": 1.0,
+                **{f: checkpoint[f] for f in values if f in checkpoint},
+            }
+        return replace(self, **{f: values[f] for f in open_})
+
     @property
     def lora_lr(self) -> float:
         """The LoRA's learning rate: lr_lora times the (start's) lr_lora_factor."""
-        return self.lr_lora * self.lr_lora_factor
+        return self.lr_lora * self.resolved().lr_lora_factor
 
     @property
     def work_path(self) -> Path:
         return Path(self.work_dir or f"{self.output}.work")
 
     def result_settings(self) -> dict:
-        settings = {k: getattr(self, k) for k in RESULT_KEYS}
+        resolved = self.resolved()
+        settings = {k: getattr(resolved, k) for k in RESULT_KEYS}
         if self.init != "svd":  # (the fingerprint of runs from before init existed is kept)
             settings.update(init=self.init, calibration_samples=self.calibration_samples)
-        if self.lr_lora_factor != 1:  # (and of runs from before the factor existed)
-            settings.update(lr_lora_factor=self.lr_lora_factor)
+        if resolved.lr_lora_factor != 1:  # (and of runs from before the factor existed)
+            settings.update(lr_lora_factor=resolved.lr_lora_factor)
         return settings
 
     def as_dict(self) -> dict:
+        """The settings as set: the recipe's open fields stay None (read back, still open)."""
         return asdict(self)
 
     @classmethod

@@ -36,7 +36,7 @@ from ..ternary.calibrate import CALIBRATED
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.integrity import DamagedFileError, check_zip
 from ..ternary.module import export_tensors
-from .config import DistillConfig
+from .config import RECIPE_KEYS, DistillConfig
 from .distributed import DistEnv
 from .progress import ProgressLog, WorkLock
 from .schedule import derived_seed
@@ -66,7 +66,8 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def learning_rate_factor(step: int, config: DistillConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio at the last step."""
+    """Linear warm-up, then cosine decay to min_lr_ratio at the last step (``config``
+    resolved: ``DistillConfig.resolved``)."""
     if step < config.warmup_steps:
         return (step + 1) / (config.warmup_steps + 1)
     span = max(config.steps - config.warmup_steps - 1, 1)
@@ -186,16 +187,21 @@ def set_aside_damaged(work: Path, log: Callable[[str], None]) -> None:
     log("; ".join(damaged) + f"; resuming from {work / good[0]}")
 
 
-def _load_checkpoint(path: Path, groups: dict, optimizer, fingerprint: dict) -> int:
+def _read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["fingerprint"]
-        trainable = state["trainable"]
+        if not isinstance(state["fingerprint"], dict) or not isinstance(state["trainable"], dict):
+            raise TypeError("its fingerprint or trainable tensors are not tables")
     except Exception as err:  # not a checkpoint of this trainer (its CRCs were fine)
         raise DamagedFileError(
             f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}); delete it "
             "to start from the checkpoint before it, or from step 0"
         ) from None
+    return state
+
+
+def _load_checkpoint(path: Path, state: dict, groups: dict, optimizer, fingerprint: dict) -> int:
+    saved, trainable = state["fingerprint"], state["trainable"]
     if saved != fingerprint:
         changed = [k for k in fingerprint if saved.get(k) != fingerprint[k]] or sorted(saved)
         raise ValueError(
@@ -253,6 +259,18 @@ def _train(student, dataset, config, env, on_step, should_stop, log, progress) -
     per_rank = config.batch_size // env.world_size
     output = Path(config.output)
     work = config.work_path
+    resume = next((work / n for n in (CHECKPOINT, PREVIOUS) if (work / n).exists()), None)
+    state = _read_checkpoint(resume) if resume else None
+    # What the config leaves open comes from the checkpoint: a run keeps its own recipe.
+    recipe, config = config.resolved(), config.resolved(state["fingerprint"] if state else None)
+    kept = [
+        f"{k} {getattr(config, k)}" for k in RECIPE_KEYS if getattr(config, k) != getattr(recipe, k)
+    ]
+    if kept:
+        log(
+            f"{resume} began with {', '.join(kept)} (not the {config.init} start's recipe): "
+            "resuming with them"
+        )
     student.to(env.device)
     groups = prepare_for_training(student)
     optimizer = torch.optim.AdamW(
@@ -264,8 +282,8 @@ def _train(student, dataset, config, env, on_step, should_stop, log, progress) -
     )
     base_lrs = [config.lora_lr, config.lr_scale]
     fingerprint = {**config.result_settings(), "data": dataset.fingerprint}
-    resume = next((work / n for n in (CHECKPOINT, PREVIOUS) if (work / n).exists()), None)
-    step = _load_checkpoint(resume, groups, optimizer, fingerprint) if resume else 0
+    step = _load_checkpoint(resume, state, groups, optimizer, fingerprint) if resume else 0
+    del state  # (its tensors are copied in)
     progress.truncate_after(step)
     if step:
         log(f"resuming from {resume} at step {step}")

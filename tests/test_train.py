@@ -16,7 +16,7 @@ from comfyui_ternary_flux.distill.config import (
 from comfyui_ternary_flux.distill.progress import WorkDirBusy, read_progress
 from comfyui_ternary_flux.distill.student import load_student
 from comfyui_ternary_flux.distill.teacher import TeacherDataset
-from comfyui_ternary_flux.distill.train import TrainingDiverged, distill
+from comfyui_ternary_flux.distill.train import TrainingDiverged, distill, learning_rate_factor
 from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
 from comfyui_ternary_flux.models.flux1_torch import ternary_flux_from_state_dict
 from comfyui_ternary_flux.ternary.integrity import DamagedFileError
@@ -310,25 +310,63 @@ def test_the_calibrated_start_has_its_own_recipe():
     assert RECIPES["svd"] == StartRecipe(1.0, 0.0, 0.0)
     paths = {"model": "m.safetensors", "data": "d", "output": "o.safetensors"}
     calibrated = DistillConfig(**paths, init="calibrated", steps=400)
-    assert (calibrated.lr_lora_factor, calibrated.warmup_steps, calibrated.min_lr_ratio) == (
-        2.0, 40, 0.1,
-    )  # fmt: skip
+    filled = calibrated.resolved()
+    assert (filled.lr_lora_factor, filled.warmup_steps, filled.min_lr_ratio) == (2.0, 40, 0.1)
     assert calibrated.lr_lora == 1e-4 and calibrated.lora_lr == 2e-4
     assert calibrated.result_settings()["lr_lora_factor"] == 2.0
     svd = DistillConfig(**paths, steps=400)
-    assert (svd.lr_lora_factor, svd.warmup_steps, svd.min_lr_ratio, svd.lora_lr) == (
+    filled = svd.resolved()
+    assert (filled.lr_lora_factor, filled.warmup_steps, filled.min_lr_ratio, svd.lora_lr) == (
         1.0, 0, 0.0, 1e-4,
     )  # fmt: skip
     assert "lr_lora_factor" not in svd.result_settings()  # old runs resume as before
     own = DistillConfig(**paths, init="calibrated", steps=400, lr_lora_factor=1.0,
                         warmup_steps=0, min_lr_ratio=0.0)  # fmt: skip
-    assert (own.lora_lr, own.warmup_steps, own.min_lr_ratio) == (1e-4, 0, 0.0)
-    # A config holds the numbers (what Distill Job writes for torchrun reads back the same)
+    assert own.resolved() is own and (own.lora_lr, own.warmup_steps) == (1e-4, 0)
+    # What Distill Job writes for torchrun reads back the same, open fields still open
     again = DistillConfig.from_dict(calibrated.as_dict())
-    assert again == calibrated and again.as_dict()["warmup_steps"] == 40
-    assert DistillConfig.from_dict({**paths, "init": "calibrated", "min_lr_ratio": None}) == (
-        DistillConfig(**paths, init="calibrated")
-    )
+    assert again == calibrated and again.as_dict()["warmup_steps"] is None
+    assert DistillConfig.from_dict(own.as_dict()) == own  # a saved number stays that number
+
+
+def test_an_open_recipe_follows_a_changed_start_or_length():
+    """The recipe is filled in where it is used, not at construction: a config copied with
+    another init or another number of steps gets that start's and length's values."""
+    import dataclasses
+
+    paths = {"model": "m.safetensors", "data": "d", "output": "o.safetensors"}
+    svd = DistillConfig(**paths, steps=400)
+    assert dataclasses.replace(svd, init="calibrated").lora_lr == 2 * svd.lr_lora
+    switched = dataclasses.replace(svd, init="calibrated").resolved()
+    assert (switched.lr_lora_factor, switched.warmup_steps, switched.min_lr_ratio) == (
+        2.0, 40, 0.1,
+    )  # fmt: skip
+    calibrated = DistillConfig(**paths, init="calibrated", steps=1000)
+    longer = DistillConfig.from_dict({**calibrated.as_dict(), "steps": 4000})
+    assert longer.result_settings()["warmup_steps"] == 400  # the trainer's fingerprint
+    assert longer.resolved().warmup_steps == 400
+
+
+def test_a_run_from_before_the_recipe_resumes_with_its_own_values(workspace, tmp_path):
+    """A calibrated-start checkpoint with the old schedule (no factor in its fingerprint,
+    no warm-up, no floor) resumes under a config that leaves the recipe open, keeping its
+    values; a value the config sets against the checkpoint is still refused."""
+    common = dict(output=tmp_path / "o.safetensors", work_dir=tmp_path / "w", steps=6,
+                  checkpoint_every=2, init="calibrated", calibration_samples=8)  # fmt: skip
+    old = tiny_config(workspace, **common, lr_lora_factor=1.0, warmup_steps=0, min_lr_ratio=0.0)
+    run(old, should_stop=lambda: True)
+    saved = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["fingerprint"]
+    assert "lr_lora_factor" not in saved and saved["warmup_steps"] == 0  # as before RECIPES
+    with pytest.raises(ValueError, match=r"\(warmup_steps differ\)"):
+        run(tiny_config(workspace, **common, warmup_steps=1))
+    logged = []
+    result = run(tiny_config(workspace, **common), log=logged.append)
+    assert result.step == 6 and result.output is not None
+    assert any("began with lr_lora_factor 1.0, warmup_steps 0, min_lr_ratio 0.0" in line
+               for line in logged), logged  # fmt: skip
+    _, steps = read_progress(tmp_path / "w")
+    lr = tiny_config(workspace, **common).lr_lora
+    assert steps[1]["lr_lora"] == pytest.approx(lr * learning_rate_factor(1, old))  # no x2
 
 
 def test_the_optimizer_follows_the_recipe(workspace, tmp_path):
