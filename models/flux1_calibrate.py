@@ -41,10 +41,10 @@ from torch import nn
 
 from ..ternary.calibrate import CalibrationError, CalibrationOptions, HessianAccumulator
 from ..ternary.fileformat import LORA_DTYPE, layer_entries
-from ..ternary.integrity import DamagedFileError
+from ..ternary.integrity import DamagedFileError, tensor_digest
 from ..ternary.packing import unpack
 from ..ternary.quantize import LayerError, quantize_layer
-from ..ternary.resume import START_OVER, ResumeStore
+from ..ternary.resume import ResumeError, ResumeStore
 from .flux1 import FluxConfig, detect_config
 from .flux1_torch import (
     DoubleStreamBlock,
@@ -204,9 +204,12 @@ class FluxCalibrator:
             key = key[: -len("scale")] + "weight"
         return self._source(key)
 
-    def _load(self, module: nn.Module, prefix: str) -> None:
+    def _load(self, module: nn.Module, prefix: str) -> str:
+        """Load the source weights under ``prefix`` into ``module``; returns their digest (what a
+        kept block was calibrated from: a swapped source file is found block by block)."""
         state = {name: self._get(prefix + name) for name in module.state_dict()}
         module.load_state_dict(state, strict=True)
+        return tensor_digest(state)
 
     def _check_example(self, index: int, example: Example) -> tuple[int, int, int]:
         """(text tokens, latent height, latent width) of a valid example, or a named refusal."""
@@ -278,15 +281,16 @@ class FluxCalibrator:
 
     # ----------------------------------------------------------------- blocks
 
-    def _block(self, kind: str, index: int) -> nn.Module:
+    def _block(self, kind: str, index: int) -> tuple[nn.Module, str]:
+        """The dense block and the digest of its source weights."""
         prefix = f"{kind}_blocks.{index}"
         cls = DoubleStreamBlock if kind == "double" else SingleStreamBlock
         make = dense_linears(self.dtype)
         with torch.device("meta"):
             block = cls(prefix, self.config, make, self.dtype, None)
         block.to_empty(device=self.device)
-        self._load(block, prefix + ".")
-        return block.eval()
+        digest = self._load(block, prefix + ".")
+        return block.eval(), digest
 
     def _run(self, block: nn.Module, kind: str, batch: list[int]):
         txt_len, height, width = self.layout[batch[0]]
@@ -360,19 +364,29 @@ class FluxCalibrator:
             approx += parts["lora_up"].float() @ parts["lora_down"].float()
         linear.weight.data.copy_(approx)
 
-    def _keep(self, prefix: str, names: Sequence[str]) -> None:
-        """The block's finished layers into the store, as one piece."""
+    def _keep(self, prefix: str, names: Sequence[str], source: str) -> None:
+        """The block's finished layers into the store, as one piece, with the digest of the
+        source weights they were calibrated from."""
         tensors, errors = {}, []
         for name in names:
             parts, error = self._results[f"{prefix}.{name}"]
             tensors.update({f"{prefix}.{name}.{suffix}": t for suffix, t in parts.items()})
             errors.append(dataclasses.asdict(error))
-        self.store.put(prefix, tensors, {"block": prefix, "errors": json.dumps(errors)})
+        metadata = {"block": prefix, "errors": json.dumps(errors), "source_sha256": source}
+        self.store.put(prefix, tensors, metadata)
 
-    def _restore(self, block: nn.Module | None, prefix: str, names: Sequence[str]) -> None:
+    def _restore(
+        self, block: nn.Module | None, prefix: str, names: Sequence[str], source: str
+    ) -> None:
         """The block's layers and errors from the store (each checked against the layer
-        schema); with quantized inputs ``block`` (when given) then computes with them."""
+        schema, and refused when calibrated from other source weights than ``source``, their
+        digest); with quantized inputs ``block`` (when given) then computes with them."""
         tensors, metadata = self.store.get(prefix)
+        if metadata.get("source_sha256") != source:
+            raise ResumeError(
+                f"{self.store.path}: {prefix} was calibrated from other source weights than "
+                f"this file's (a swapped source file?); {self.store.start_over}"
+            )
         try:
             errors = json.loads(metadata["errors"])
             expected = set()
@@ -397,7 +411,7 @@ class FluxCalibrator:
         except (KeyError, TypeError, ValueError) as err:
             raise DamagedFileError(
                 f"{self.store.path}: the piece of {prefix} does not hold its layers "
-                f"({str(err)[:120]}); {START_OVER}"
+                f"({str(err)[:120]}); {self.store.start_over}"
             ) from None
 
     def _process(self, kind: str, index: int) -> None:
@@ -407,15 +421,14 @@ class FluxCalibrator:
             self.img, self.txt = [], []
         groups = DOUBLE_GROUPS if kind == "double" else SINGLE_GROUPS
         last = self._next == len(self._order) - 1
+        block, source = self._block(kind, index)
         if self._next < self.resumed:  # finished by an interrupted run: loaded
             if self.resumed == len(self._order):  # no block after it needs its outputs
-                self._restore(None, prefix, sum(groups, ()))
+                self._restore(None, prefix, sum(groups, ()), source)
                 self.img, self.txt, self.joint = [], [], []
                 return
-            block = self._block(kind, index)
-            self._restore(block, prefix, sum(groups, ()))
+            self._restore(block, prefix, sum(groups, ()), source)
         else:
-            block = self._block(kind, index)
             if not self.sequential:
                 groups = (sum(groups, ()),)
             for names in groups:
@@ -423,7 +436,7 @@ class FluxCalibrator:
                 for name in names:
                     self._quantize(block, prefix, name, hessians.pop(name))
             if self.store is not None:
-                self._keep(prefix, sum(groups, ()))
+                self._keep(prefix, sum(groups, ()), source)
         if not last:  # the next block's inputs
             with torch.no_grad():
                 for batch in self.batches:

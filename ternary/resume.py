@@ -53,10 +53,17 @@ def is_store(path: str | os.PathLike) -> bool:
 
 
 def file_identity(path: str | os.PathLike) -> dict[str, object]:
-    """What tells a source file from another, or from itself once changed: name, size, mtime."""
+    """What tells a source file from another, or from itself once changed, cheaply: its
+    resolved path, size, mtime (a file swapped in with both kept is found by the digests of
+    the job's pieces, which the caller checks)."""
     path = Path(path)
     stat = path.stat()
-    return {"name": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "name": path.name,
+        "path": str(path.resolve()),
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
 
 
 def _differences(old: Mapping, new: Mapping) -> list[str]:
@@ -74,7 +81,8 @@ def _differences(old: Mapping, new: Mapping) -> list[str]:
 class ResumeStore:
     """The store of one job at ``path``; ``identity`` names the job's source (for instance
     :func:`file_identity`). ``restart``: discard what a store holds instead of resuming it.
-    ``log`` receives the lines a user should see (a damaged piece computed again)."""
+    ``log`` receives the lines a user should see (a damaged piece computed again).
+    ``start_over``: how a refusal tells the user to start over (the caller knows its flag)."""
 
     def __init__(
         self,
@@ -82,8 +90,10 @@ class ResumeStore:
         identity: Mapping[str, object],
         restart: bool = False,
         log: Callable[[str], None] | None = None,
+        start_over: str = START_OVER,
     ) -> None:
         self.path = Path(path)
+        self.start_over = start_over
         self.identity = dict(identity)
         self.restart = restart
         self.log = log or (lambda _line: None)
@@ -110,13 +120,13 @@ class ResumeStore:
         try:
             saved = json.loads(record.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise ResumeError(f"{record} is damaged ({str(err)[:80]}); {START_OVER}") from None
+            raise ResumeError(f"{record} is damaged ({str(err)[:80]}); {self.start_over}") from None
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise ResumeError(f"{record} is not a resume record of this pack; move it away")
         if saved.get("version") != VERSION:
             raise ResumeError(
                 f"{record} is of resume store version {saved.get('version')}, this pack reads "
-                f"version {VERSION}; {START_OVER}"
+                f"version {VERSION}; {self.start_over}"
             )
         return saved
 
@@ -140,7 +150,7 @@ class ResumeStore:
         if differ:
             raise ResumeError(
                 f"{self.path} holds an interrupted run with other settings ({'; '.join(differ)}); "
-                f"rerun with the same settings to resume it, or {START_OVER}"
+                f"rerun with the same settings to resume it, or {self.start_over}"
             )
         self._written = True  # the record is there already
         done = 0

@@ -471,3 +471,30 @@ def test_a_store_piece_of_other_tensors_is_named(job, deep, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert f"{store}: the piece of double_blocks.0 does not hold its layers" in err
     assert "lora_alpha" in err and not out.exists() and piece.exists()
+
+
+def test_a_source_swapped_with_its_size_and_mtime_kept_is_refused_by_block(
+    job, deep, tmp_path, monkeypatch, capsys
+):
+    """The record's file identity (path, size, mtime) cannot tell a swapped file of the same
+    size whose mtime was kept: each kept block's source digest does, by name."""
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(deep["src"].read_bytes())
+    out = tmp_path / "out.safetensors"
+    args = _deep_args(job, src, out)
+    with monkeypatch.context() as patch:
+        _interrupt_after_blocks(patch, 2)
+        assert main(args) == 130
+    stat = src.stat()
+    weights = random_weights(flux_shapes(DEEP), 7, dtype=torch.float32)
+    key = "double_blocks.1.img_mlp.0.weight"
+    weights[key] = weights[key] + 1.0  # the same shapes and dtypes: the same size
+    save_file(weights, str(src))
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert src.stat().st_size == stat.st_size
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "double_blocks.1 was calibrated from other source weights" in err
+    assert not out.exists() and len(_pieces(calibration_store(out))) == 2

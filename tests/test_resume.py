@@ -126,5 +126,6 @@ def test_store_path_and_file_identity(tmp_path):
     src.write_bytes(b"12345")
     identity = file_identity(src)
     assert identity["name"] == "src" and identity["bytes"] == 5
+    assert identity["path"] == str(src.resolve())
     src.write_bytes(b"123456")
     assert file_identity(src) != identity
