@@ -31,6 +31,7 @@ reads them from one).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -165,24 +166,26 @@ class FluxCalibrator:
         self.errors: list[LayerError] = []
         self.seconds = 0.0
         self.store, self.resumed = store, 0
-        if store is not None:  # other settings are refused before any work
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        self._embed()
+        self.seconds += time.perf_counter() - started
+        if store is not None:  # other settings (or examples) are refused before any block
             self.resumed = store.begin(self.settings(), [self._prefix(i) for i in self._order])
             if self.resumed:
                 store.log(
                     f"resuming: {self.resumed} of {len(self._order)} blocks done (kept in "
                     f"{store.path})"
                 )
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        started = time.perf_counter()
-        self._embed()
-        self.seconds += time.perf_counter() - started
 
     def settings(self) -> dict[str, object]:
         """Everything the calibrated layers depend on besides the source weights (what a
-        resumed run must match)."""
+        resumed run must match): the examples by the digest of their tensors, since a caller
+        may name no data set (``Calibration.source`` empty)."""
         return {
             **json.loads(self.calibration.metadata()),
+            "examples_sha256": self.examples_digest,
             "batch_size": self.calibration.batch_size,
             "activations": str(self.dtype).removeprefix("torch."),
             "device": self.device.type,
@@ -240,7 +243,8 @@ class FluxCalibrator:
         return context.shape[0], z.shape[1], z.shape[2]
 
     def _embed(self) -> None:
-        """Check every example, group them into batches of one shape, and embed them."""
+        """Check every example, group them into batches of one shape, and embed them (and
+        digest them: ``examples_digest``)."""
         examples = self.calibration.examples
         config = dataclasses.replace(self.config, depth=0, depth_single_blocks=0)
         with torch.device("meta"):
@@ -252,10 +256,12 @@ class FluxCalibrator:
         vectors = []
         self.layout: list[tuple[int, int, int]] = []
         by_shape: dict[tuple[int, int, int], list[int]] = {}
+        digest = hashlib.sha256()
         with torch.no_grad():
             for index in range(len(examples)):
                 example = examples[index]
                 layout = self._check_example(index, example)
+                digest.update(tensor_digest(example).encode())
                 by_shape.setdefault(layout, []).append(index)
                 guidance = example.get("guidance")
                 img, txt, vec, _ = shell.embed(
@@ -270,6 +276,7 @@ class FluxCalibrator:
                 vectors.append(vec[0])
                 self.layout.append(layout)
         del shell
+        self.examples_digest = digest.hexdigest()
         self.vec = torch.stack(vectors)
         size = self.calibration.batch_size
         self.batches = [

@@ -31,13 +31,13 @@ from comfyui_ternary_flux.distill.teacher import (
 from comfyui_ternary_flux.distill.train import check_run, distill
 from comfyui_ternary_flux.models import flux1_calibrate
 from comfyui_ternary_flux.models.family import random_weights
-from comfyui_ternary_flux.models.files import calibration_store, load_ternary_model
+from comfyui_ternary_flux.models.files import calibration_store, load_ternary_model, quantize_file
 from comfyui_ternary_flux.models.flux1 import FluxConfig, flux_shapes
 from comfyui_ternary_flux.models.flux1_calibrate import Calibration, FluxCalibrator
 from comfyui_ternary_flux.models.flux1_torch import flux_from_state_dict
 from comfyui_ternary_flux.ternary.calibrate import CalibrationError, accumulate_hessian
 from comfyui_ternary_flux.ternary.integrity import read_checked, write_checked
-from comfyui_ternary_flux.ternary.resume import ResumeStore
+from comfyui_ternary_flux.ternary.resume import ResumeError, ResumeStore
 
 # One double and one single block, hidden 128 (one 128-wide head): 13 ternary layers.
 SMALL = FluxConfig(
@@ -498,3 +498,19 @@ def test_a_source_swapped_with_its_size_and_mtime_kept_is_refused_by_block(
     assert len(err.strip().splitlines()) == 1, err
     assert "double_blocks.1 was calibrated from other source weights" in err
     assert not out.exists() and len(_pieces(calibration_store(out))) == 2
+
+
+def test_other_examples_of_the_same_count_without_a_named_source_are_refused(
+    job, deep, tmp_path, monkeypatch
+):
+    """quantize_file's calibration may name no data set (``source`` empty): the examples'
+    digest is what tells a rerun on other examples of the same count."""
+    examples = list(teacher_calibration(job / "data", 8).examples)
+    out = tmp_path / "out.safetensors"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _interrupt_after_blocks(patch, 1)
+        quantize_file(deep["src"], out, 4, packing="2bit", calibration=Calibration(examples))
+    others = [{**e, "t": e["t"] * 0.5} for e in examples]  # the same count and shapes
+    with pytest.raises(ResumeError, match=r"other settings \(examples_sha256 '"):
+        quantize_file(deep["src"], out, 4, packing="2bit", calibration=Calibration(others))
+    assert len(_pieces(calibration_store(out))) == 1 and not out.exists()
