@@ -99,6 +99,7 @@ class ResumeStore:
         self.log = log or (lambda _line: None)
         self._record: dict | None = None
         self._written = False
+        self._discard = False  # restart: the old store goes at the first put
 
     def _piece(self, key: str) -> Path:
         return self.path / f"{key}{PIECE}"
@@ -120,10 +121,12 @@ class ResumeStore:
         try:
             saved = json.loads(record.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as err:
+            if self.restart:  # to be discarded: what it held does not matter
+                return {}
             raise ResumeError(f"{record} is damaged ({str(err)[:80]}); {self.start_over}") from None
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise ResumeError(f"{record} is not a resume record of this pack; move it away")
-        if saved.get("version") != VERSION:
+        if saved.get("version") != VERSION and not self.restart:
             raise ResumeError(
                 f"{record} is of resume store version {saved.get('version')}, this pack reads "
                 f"version {VERSION}; {self.start_over}"
@@ -133,14 +136,16 @@ class ResumeStore:
     def begin(self, settings: Mapping[str, object], keys: Sequence[str]) -> int:
         """Open the store for a job of these ``settings`` (JSON values) and pieces ``keys`` (in
         the job's order); returns how many of the first pieces are done and intact. Refuses a
-        store of other settings (ResumeError) before any work is done."""
+        store of other settings (ResumeError) before any work is done. With ``restart`` an old
+        store (whatever its record holds) is discarded only at the first :meth:`put`, so that a
+        job refused after ``begin`` leaves it as it was."""
         record = {"format": FORMAT, "version": VERSION, "source": self.identity, **settings}
         record = json.loads(json.dumps(record))  # tuples as lists, as read back
         saved = self._saved_record()
-        if saved is not None and self.restart:
-            self.remove()
-            saved = None
         self._record = record
+        if self.restart:
+            self._discard = saved is not None
+            return 0
         if saved is None:
             return 0
         differ = _differences(
@@ -176,24 +181,33 @@ class ResumeStore:
             raise DamagedFileError(f"{err}; run the command again to compute it again") from None
 
     def put(self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]):
-        """Keep a finished piece (the record first, with the store's first piece)."""
+        """Keep a finished piece (the record first, with the store's first piece; an old store
+        being restarted is discarded before)."""
         if self._record is None:
             raise RuntimeError("ResumeStore.put before begin")
+        if self._discard:
+            self._clear()
+            self._discard = False
         if not self._written:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path / RECORD, self._record)
             self._written = True
         write_checked(self._piece(key), tensors, metadata)
 
-    def remove(self) -> None:
-        """Delete the store: its record, its pieces, the temporaries of interrupted writes (a
-        folder that holds anything else is left, with that)."""
+    def _clear(self) -> None:
+        """Delete the store's pieces and the temporaries of interrupted writes, then its record
+        (last: an interrupted removal leaves no pieces without a record; anything else in the
+        folder is left)."""
         if not self.path.is_dir():
             return
         for path in self.path.iterdir():
-            ours = path.name == RECORD or path.name.endswith((PIECE, ".partial"))
-            if ours and path.is_file():
+            if path.name.endswith((PIECE, ".partial")) and path.is_file():
                 path.unlink(missing_ok=True)
+        (self.path / RECORD).unlink(missing_ok=True)
+        self._written = False
+
+    def remove(self) -> None:
+        """Delete the store (:meth:`_clear`, then the folder if nothing else is in it)."""
+        self._clear()
         with contextlib.suppress(OSError):
             self.path.rmdir()
-        self._written = False

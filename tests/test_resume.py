@@ -4,12 +4,14 @@ The calibrated quantization's resume end to end is in tests/test_calibrate_model
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from comfyui_ternary_flux.ternary.integrity import DamagedFileError
 from comfyui_ternary_flux.ternary.resume import (
+    FORMAT,
     RECORD,
     ResumeError,
     ResumeStore,
@@ -57,9 +59,11 @@ def test_other_settings_or_another_source_are_named(tmp_path):
     with pytest.raises(ResumeError, match=r"\(source differs\).*start over with --restart"):
         ResumeStore(path, {"name": "src", "bytes": 11}).begin(SETTINGS, KEYS)
     assert is_store(path)  # a refusal deletes nothing
-    # restart: the old store goes when the job begins; the new one appears with its first piece
+    # restart: the old store goes with the new one's first piece (a job refused after begin
+    # leaves it as it was)
     fresh = ResumeStore(path, {"name": "src", "bytes": 11}, restart=True)
-    assert fresh.begin({**SETTINGS, "rank": 8}, KEYS) == 0 and not path.exists()
+    assert fresh.begin({**SETTINGS, "rank": 8}, KEYS) == 0 and is_store(path)
+    assert ResumeStore(path, {"name": "src", "bytes": 10}).begin(SETTINGS, KEYS) == 1
     fresh.put("a", piece(5.0), {})
     assert ResumeStore(path, {"name": "src", "bytes": 11}).begin({**SETTINGS, "rank": 8}, KEYS) == 1
 
@@ -129,3 +133,37 @@ def test_store_path_and_file_identity(tmp_path):
     assert identity["path"] == str(src.resolve())
     src.write_bytes(b"123456")
     assert file_identity(src) != identity
+
+
+@pytest.mark.parametrize("record", ["{not json", json.dumps({"format": FORMAT, "version": 99})])
+def test_restart_clears_a_store_whose_record_is_damaged_or_of_another_version(tmp_path, record):
+    path = tmp_path / "store"
+    store = ResumeStore(path, {})
+    store.begin(SETTINGS, KEYS)
+    store.put("a", piece(1.0), {})
+    store.put("b", piece(2.0), {})
+    (path / RECORD).write_text(record)
+    with pytest.raises(ResumeError, match="start over"):
+        ResumeStore(path, {}).begin(SETTINGS, KEYS)
+    fresh = ResumeStore(path, {}, restart=True)
+    assert fresh.begin(SETTINGS, KEYS) == 0
+    assert (path / "b.safetensors").exists()  # nothing removed before the first piece
+    fresh.put("a", piece(5.0), {})
+    assert sorted(p.name for p in path.iterdir()) == ["a.safetensors", RECORD]
+    assert ResumeStore(path, {}).begin(SETTINGS, KEYS) == 1
+
+
+def test_remove_deletes_the_record_last(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    store = ResumeStore(path, {})
+    store.begin(SETTINGS, KEYS)
+    for key in KEYS:
+        store.put(key, piece(1.0), {})
+    removed = []
+    real = Path.unlink
+    monkeypatch.setattr(
+        Path, "unlink", lambda self, **kw: (removed.append(self.name), real(self, **kw))[1]
+    )
+    store.remove()
+    assert removed[-1] == RECORD and sorted(removed[:-1]) == [f"{k}.safetensors" for k in KEYS]
+    assert not path.exists()
