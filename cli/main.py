@@ -143,7 +143,10 @@ def _quantize_resumable(src: Path, out: Path, options: dict, restart: bool):
     if options["calibration"] is None:
         return quantize_file(src, out, **options)
     try:
-        return quantize_file(src, out, **options, restart=restart, log=print)
+        return quantize_file(
+            src, out, **options, restart=restart, log=print,
+            start_over="start over with --restart (or delete that folder)",
+        )  # fmt: skip
     except ResumeError:
         raise
     except BaseException:

@@ -29,7 +29,7 @@ RECORD = "run.json"
 FORMAT = "ternary-flux-resume"
 VERSION = 1
 PIECE = ".safetensors"
-START_OVER = "start over with --restart (or delete that folder)"
+START_OVER = "delete that folder to start over"  # a caller with a flag for it says so instead
 
 
 class ResumeError(ValueError):

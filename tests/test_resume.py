@@ -56,8 +56,10 @@ def test_other_settings_or_another_source_are_named(tmp_path):
         ResumeStore(path, {"name": "src", "bytes": 10}).begin(
             {"options": {}, "multipliers": [1.0, 2.0]}, KEYS
         )
-    with pytest.raises(ResumeError, match=r"\(source differs\).*start over with --restart"):
+    with pytest.raises(ResumeError, match=r"\(source differs\).*or delete that folder to start"):
         ResumeStore(path, {"name": "src", "bytes": 11}).begin(SETTINGS, KEYS)
+    with pytest.raises(ResumeError, match=r"differs\); rerun .*, or use the flag$"):
+        ResumeStore(path, {"name": "src"}, start_over="use the flag").begin(SETTINGS, KEYS)
     assert is_store(path)  # a refusal deletes nothing
     # restart: the old store goes with the new one's first piece (a job refused after begin
     # leaves it as it was)
@@ -100,7 +102,7 @@ def test_what_is_not_a_store_is_refused_and_left_alone(tmp_path):
     with pytest.raises(ResumeError, match=r"not a resume store of this pack \(no run.json\)"):
         ResumeStore(folder, {}, restart=True).begin(SETTINGS, KEYS)
     (folder / RECORD).write_text("{not json")
-    with pytest.raises(ResumeError, match="run.json is damaged .*start over with --restart"):
+    with pytest.raises(ResumeError, match="run.json is damaged .*delete that folder to start"):
         ResumeStore(folder, {}).begin(SETTINGS, KEYS)
     (folder / RECORD).write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ResumeError, match="not a resume record of this pack"):
