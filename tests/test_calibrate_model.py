@@ -471,6 +471,11 @@ def test_a_store_piece_of_other_tensors_is_named(job, deep, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert f"{store}: the piece of double_blocks.0 does not hold its layers" in err
     assert "lora_alpha" in err and not out.exists() and piece.exists()
+    assert len(err.strip().splitlines()) == 1, err  # a refusal: no note about resuming
+    out.write_bytes(b"an output already there")  # (Ctrl-C after it was written, say)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "exists; pass --force" in err, err
 
 
 def test_a_source_swapped_with_its_size_and_mtime_kept_is_refused_by_block(
