@@ -189,6 +189,12 @@ class FluxCalibrator:
             "batch_size": self.calibration.batch_size,
             "activations": str(self.dtype).removeprefix("torch."),
             "device": self.device.type,
+            # another card may round differently
+            **(
+                {"device_name": torch.cuda.get_device_name(self.device)}
+                if self.device.type == "cuda"
+                else {}
+            ),
             "lora_rank": self.lora_rank,
             "lora_dtype": str(self.lora_dtype).removeprefix("torch."),
             "scale_rule": self.scale_rule,

@@ -2,7 +2,8 @@
 after an interruption (Ctrl-C, SIGTERM, a crash, out of memory, a time limit) resumes it.
 
 A store is a folder beside the output (:func:`store_path`) holding ``run.json``, the record of
-what the job is (its source file's identity and every setting its result depends on), and one
+what the job is (its source file's identity, the torch and pack versions, and every setting
+its result depends on), and one
 file per finished piece of the job (``KEY.safetensors``, digest-checked and written
 atomically by ternary/integrity.write_checked). A rerun with other settings is refused with
 the settings that differ named. Pieces finish in order, so a store holds the first pieces of
@@ -29,6 +30,7 @@ RECORD = "run.json"
 FORMAT = "ternary-flux-resume"
 VERSION = 1
 PIECE = ".safetensors"
+PACK_VERSION = "0.1.0"  # pyproject.toml's (tests/test_resume.py keeps them equal)
 START_OVER = "delete that folder to start over"  # a caller with a flag for it says so instead
 
 
@@ -139,7 +141,14 @@ class ResumeStore:
         store of other settings (ResumeError) before any work is done. With ``restart`` an old
         store (whatever its record holds) is discarded only at the first :meth:`put`, so that a
         job refused after ``begin`` leaves it as it was."""
-        record = {"format": FORMAT, "version": VERSION, "source": self.identity, **settings}
+        record = {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": self.identity,
+            "torch": torch.__version__,  # pieces made by another torch or pack may differ
+            "pack": PACK_VERSION,
+            **settings,
+        }
         record = json.loads(json.dumps(record))  # tuples as lists, as read back
         saved = self._saved_record()
         self._record = record

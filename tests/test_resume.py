@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfyui_ternary_flux.ternary import resume
 from comfyui_ternary_flux.ternary.integrity import DamagedFileError
 from comfyui_ternary_flux.ternary.resume import (
     FORMAT,
+    PACK_VERSION,
     RECORD,
     ResumeError,
     ResumeStore,
@@ -169,3 +171,22 @@ def test_remove_deletes_the_record_last(tmp_path, monkeypatch):
     store.remove()
     assert removed[-1] == RECORD and sorted(removed[:-1]) == [f"{k}.safetensors" for k in KEYS]
     assert not path.exists()
+
+
+def test_a_store_of_another_torch_or_pack_version_is_refused_by_name(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    store = ResumeStore(path, {})
+    store.begin(SETTINGS, KEYS)
+    store.put("a", piece(1.0), {})
+    monkeypatch.setattr(resume.torch, "__version__", "0.0.1")
+    with pytest.raises(ResumeError, match=r"other settings \(torch '.*' there, '0.0.1' now\)"):
+        ResumeStore(path, {}).begin(SETTINGS, KEYS)
+    monkeypatch.undo()
+    monkeypatch.setattr(resume, "PACK_VERSION", "9.9")
+    with pytest.raises(ResumeError, match=r"pack '.*' there, '9.9' now"):
+        ResumeStore(path, {}).begin(SETTINGS, KEYS)
+
+
+def test_the_pack_version_is_pyproject_s():
+    text = (Path(resume.__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'\nversion = "{PACK_VERSION}"\n' in text
