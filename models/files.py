@@ -306,12 +306,16 @@ def quantize_file(
     store = None
     if calibration is not None:
         store = ResumeStore(calibration_store(dst), file_identity(src), restart, log, start_over)
-    with MmapReader(src) as reader:
-        shapes, get = dense_tensors(reader)
-        return quantize_tensors(
-            shapes, get, dst, lora_rank, scale_rule, packing, device, overwrite, progress,
-            source=src.name, calibration=calibration, store=store,
-        )  # fmt: skip
+    try:
+        with MmapReader(src) as reader:
+            shapes, get = dense_tensors(reader)
+            return quantize_tensors(
+                shapes, get, dst, lora_rank, scale_rule, packing, device, overwrite, progress,
+                source=src.name, calibration=calibration, store=store,
+            )  # fmt: skip
+    finally:
+        if store is not None:
+            store.close()
 
 
 def quantize_tensors(

@@ -8,8 +8,9 @@ file per finished piece of the job (``KEY.safetensors``, digest-checked and writ
 atomically by ternary/integrity.write_checked). A rerun with other settings is refused with
 the settings that differ named. Pieces finish in order, so a store holds the first pieces of
 the job: a piece whose digest fails is reported and computed again, with every piece after it.
-The job removes the store once its output is complete; after a failure it stays. Nothing here
-knows what the pieces are.
+The job removes the store once its output is complete; after a failure it stays. A job holds
+the store's lock (ternary/lock.py) from :meth:`ResumeStore.begin` until it closes or removes
+it, so a second job for the same output is refused. Nothing here knows what the pieces are.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from .atomic import NAME_MAX, write_json_atomic
 from .integrity import DamagedFileError, read_checked, write_checked
+from .lock import LOCK, WorkLock
 
 RECORD = "run.json"
 FORMAT = "ternary-flux-resume"
@@ -102,6 +104,7 @@ class ResumeStore:
         self._record: dict | None = None
         self._written = False
         self._discard = False  # restart: the old store goes at the first put
+        self._lock: WorkLock | None = None
 
     def _piece(self, key: str) -> Path:
         return self.path / f"{key}{PIECE}"
@@ -114,7 +117,7 @@ class ResumeStore:
             raise ResumeError(f"{self.path} is in the way of the resume store; move it away")
         record = self.path / RECORD
         if not record.exists():
-            if any(self.path.iterdir()):
+            if any(p.name != LOCK for p in self.path.iterdir()):
                 raise ResumeError(
                     f"{self.path} is a folder, but not a resume store of this pack (no {RECORD}); "
                     "move it away"
@@ -150,6 +153,20 @@ class ResumeStore:
             **settings,
         }
         record = json.loads(json.dumps(record))  # tuples as lists, as read back
+        if self.path.exists() and not self.path.is_dir():
+            self._saved_record()  # (refuses what is in the way before the lock is made)
+        if self._lock is None:
+            lock = WorkLock(self.path, "wait for it to finish or stop it")
+            lock.__enter__()
+            self._lock = lock
+        try:
+            return self._open(record, keys)
+        except BaseException:  # refused: the lock is released, the store left as it was
+            self.close()
+            raise
+
+    def _open(self, record: dict, keys: Sequence[str]) -> int:
+        """:meth:`begin`'s work, with the lock held."""
         saved = self._saved_record()
         self._record = record
         if self.restart:
@@ -215,8 +232,22 @@ class ResumeStore:
         (self.path / RECORD).unlink(missing_ok=True)
         self._written = False
 
+    def close(self) -> None:
+        """Release the store's lock (the store stays; a folder made only for the lock goes)."""
+        if self._lock is None:
+            return
+        self._lock.__exit__(None, None, None)
+        self._lock = None
+        if not (self.path / RECORD).exists():
+            (self.path / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
     def remove(self) -> None:
-        """Delete the store (:meth:`_clear`, then the folder if nothing else is in it)."""
+        """Delete the store (:meth:`_clear`, then the folder if nothing else is in it) and
+        release its lock."""
         self._clear()
+        self.close()
+        (self.path / LOCK).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()
