@@ -233,21 +233,20 @@ class ResumeStore:
         self._written = False
 
     def close(self) -> None:
-        """Release the store's lock (the store stays; a folder made only for the lock goes)."""
+        """Release the store's lock and delete its file (the store stays; a folder made only
+        for the lock goes)."""
         if self._lock is None:
             return
         self._lock.__exit__(None, None, None)
         self._lock = None
-        if not (self.path / RECORD).exists():
-            (self.path / LOCK).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                self.path.rmdir()
+        (self.path / LOCK).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
     def remove(self) -> None:
         """Delete the store (:meth:`_clear`, then the folder if nothing else is in it) and
         release its lock."""
         self._clear()
         self.close()
-        (self.path / LOCK).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()

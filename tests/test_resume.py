@@ -120,6 +120,7 @@ def test_what_is_not_a_store_is_refused_and_left_alone(tmp_path):
     with pytest.raises(ResumeError, match="not a resume record of this pack"):
         ResumeStore(folder, {}, restart=True).begin(SETTINGS, KEYS)
     assert in_the_way.read_text() == "mine" and (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", RECORD]  # no lock left
     # a store that holds a file of someone else's: removing it keeps that file
     store = ResumeStore(tmp_path / "store", {})
     store.begin(SETTINGS, KEYS)
@@ -165,7 +166,7 @@ def test_restart_clears_a_store_whose_record_is_damaged_or_of_another_version(tm
     assert (path / "b.safetensors").exists()  # nothing removed before the first piece
     fresh.put("a", piece(5.0), {})
     fresh.close()
-    assert sorted(p.name for p in path.iterdir()) == ["a.safetensors", "lock", RECORD]
+    assert sorted(p.name for p in path.iterdir()) == ["a.safetensors", RECORD]
     assert ResumeStore(path, {}).begin(SETTINGS, KEYS) == 1
 
 
