@@ -138,17 +138,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _quantize_resumable(src: Path, out: Path, options: dict, restart: bool):
     """quantize_file; a calibrated run that stops keeps its finished blocks, and says where."""
     from ..models.files import calibration_store, quantize_file
-    from ..ternary.resume import ResumeError, is_store
+    from ..ternary.resume import is_store
 
     if options["calibration"] is None:
         return quantize_file(src, out, **options)
     try:
-        return quantize_file(src, out, **options, restart=restart, log=print)
-    except ResumeError:
+        return quantize_file(
+            src, out, **options, restart=restart, log=print,
+            start_over="start over with --restart (or delete that folder)",
+        )  # fmt: skip
+    except REFUSED:  # nothing of this run was kept: no note (a refusal says what to do)
         raise
-    except BaseException:
+    except BaseException:  # interrupted or failed while running: the note, if blocks are kept
         store = calibration_store(out)
-        if is_store(store):
+        if is_store(store) and not out.exists():
             print(
                 f"the finished blocks are kept in {store}: run the same command again to "
                 "resume (--restart starts over)",
@@ -321,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.set_defaults(func=cmd_info)
     return parser
+
+
+# What main() answers with EXIT_REFUSED: the input was refused, nothing was done.
+REFUSED = (FileExistsError, FileNotFoundError, ValueError, TypeError)
 
 
 def _error(text: str) -> None:

@@ -38,7 +38,7 @@ from ..ternary.fileformat import (
     read_ternary_file,
 )
 from ..ternary.quantize import quantize_layer
-from ..ternary.resume import ResumeStore, file_identity, store_path
+from ..ternary.resume import START_OVER, ResumeStore, file_identity, store_path
 from . import flux1
 from .family import PREFIXES, Family, ModelFamilyError, strip_prefix
 from .flux1_calibrate import Calibration, FluxCalibrator
@@ -291,26 +291,31 @@ def quantize_file(
     calibration: Calibration | None = None,
     restart: bool = False,
     log: Callable[[str], None] | None = None,
+    start_over: str = START_OVER,
 ) -> QuantizeReport:
     """Stream a dense safetensors file of a known family into a v1 ternary file.
 
     A calibrated quantization keeps every finished block in :func:`calibration_store` (dst),
     so that the same call after an interruption resumes it (``log`` hears "resuming: ...");
-    ``restart`` discards a store of an earlier run instead. The store is removed once the
-    file is written."""
+    ``restart`` discards a store of an earlier run instead (``start_over``: how a refusal to
+    resume says so). The store is removed once the file is written."""
     src, dst = Path(src), Path(dst)
     check_target(dst, overwrite=True)  # a name too long, a folder, a folder not writable
     if dst.exists() and src.resolve() == dst.resolve():
         raise ValueError("the output must not be the source file")
     store = None
     if calibration is not None:
-        store = ResumeStore(calibration_store(dst), file_identity(src), restart, log)
-    with MmapReader(src) as reader:
-        shapes, get = dense_tensors(reader)
-        return quantize_tensors(
-            shapes, get, dst, lora_rank, scale_rule, packing, device, overwrite, progress,
-            source=src.name, calibration=calibration, store=store,
-        )  # fmt: skip
+        store = ResumeStore(calibration_store(dst), file_identity(src), restart, log, start_over)
+    try:
+        with MmapReader(src) as reader:
+            shapes, get = dense_tensors(reader)
+            return quantize_tensors(
+                shapes, get, dst, lora_rank, scale_rule, packing, device, overwrite, progress,
+                source=src.name, calibration=calibration, store=store,
+            )  # fmt: skip
+    finally:
+        if store is not None:
+            store.close()
 
 
 def quantize_tensors(

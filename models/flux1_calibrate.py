@@ -31,6 +31,7 @@ reads them from one).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,10 +42,10 @@ from torch import nn
 
 from ..ternary.calibrate import CalibrationError, CalibrationOptions, HessianAccumulator
 from ..ternary.fileformat import LORA_DTYPE, layer_entries
-from ..ternary.integrity import DamagedFileError
+from ..ternary.integrity import DamagedFileError, tensor_digest
 from ..ternary.packing import unpack
 from ..ternary.quantize import LayerError, quantize_layer
-from ..ternary.resume import START_OVER, ResumeStore
+from ..ternary.resume import ResumeError, ResumeStore
 from .flux1 import FluxConfig, detect_config
 from .flux1_torch import (
     DoubleStreamBlock,
@@ -165,27 +166,35 @@ class FluxCalibrator:
         self.errors: list[LayerError] = []
         self.seconds = 0.0
         self.store, self.resumed = store, 0
-        if store is not None:  # other settings are refused before any work
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        self._embed()
+        self.seconds += time.perf_counter() - started
+        if store is not None:  # other settings (or examples) are refused before any block
             self.resumed = store.begin(self.settings(), [self._prefix(i) for i in self._order])
             if self.resumed:
                 store.log(
                     f"resuming: {self.resumed} of {len(self._order)} blocks done (kept in "
                     f"{store.path})"
                 )
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        started = time.perf_counter()
-        self._embed()
-        self.seconds += time.perf_counter() - started
 
     def settings(self) -> dict[str, object]:
         """Everything the calibrated layers depend on besides the source weights (what a
-        resumed run must match)."""
+        resumed run must match): the examples by the digest of their tensors, since a caller
+        may name no data set (``Calibration.source`` empty)."""
         return {
             **json.loads(self.calibration.metadata()),
+            "examples_sha256": self.examples_digest,
             "batch_size": self.calibration.batch_size,
             "activations": str(self.dtype).removeprefix("torch."),
             "device": self.device.type,
+            # another card may round differently
+            **(
+                {"device_name": torch.cuda.get_device_name(self.device)}
+                if self.device.type == "cuda"
+                else {}
+            ),
             "lora_rank": self.lora_rank,
             "lora_dtype": str(self.lora_dtype).removeprefix("torch."),
             "scale_rule": self.scale_rule,
@@ -204,9 +213,12 @@ class FluxCalibrator:
             key = key[: -len("scale")] + "weight"
         return self._source(key)
 
-    def _load(self, module: nn.Module, prefix: str) -> None:
+    def _load(self, module: nn.Module, prefix: str) -> str:
+        """Load the source weights under ``prefix`` into ``module``; returns their digest (what a
+        kept block was calibrated from: a swapped source file is found block by block)."""
         state = {name: self._get(prefix + name) for name in module.state_dict()}
         module.load_state_dict(state, strict=True)
+        return tensor_digest(state)
 
     def _check_example(self, index: int, example: Example) -> tuple[int, int, int]:
         """(text tokens, latent height, latent width) of a valid example, or a named refusal."""
@@ -237,7 +249,8 @@ class FluxCalibrator:
         return context.shape[0], z.shape[1], z.shape[2]
 
     def _embed(self) -> None:
-        """Check every example, group them into batches of one shape, and embed them."""
+        """Check every example, group them into batches of one shape, and embed them (and
+        digest them: ``examples_digest``)."""
         examples = self.calibration.examples
         config = dataclasses.replace(self.config, depth=0, depth_single_blocks=0)
         with torch.device("meta"):
@@ -249,10 +262,12 @@ class FluxCalibrator:
         vectors = []
         self.layout: list[tuple[int, int, int]] = []
         by_shape: dict[tuple[int, int, int], list[int]] = {}
+        digest = hashlib.sha256()
         with torch.no_grad():
             for index in range(len(examples)):
                 example = examples[index]
                 layout = self._check_example(index, example)
+                digest.update(tensor_digest(example).encode())
                 by_shape.setdefault(layout, []).append(index)
                 guidance = example.get("guidance")
                 img, txt, vec, _ = shell.embed(
@@ -267,6 +282,7 @@ class FluxCalibrator:
                 vectors.append(vec[0])
                 self.layout.append(layout)
         del shell
+        self.examples_digest = digest.hexdigest()
         self.vec = torch.stack(vectors)
         size = self.calibration.batch_size
         self.batches = [
@@ -278,15 +294,16 @@ class FluxCalibrator:
 
     # ----------------------------------------------------------------- blocks
 
-    def _block(self, kind: str, index: int) -> nn.Module:
+    def _block(self, kind: str, index: int) -> tuple[nn.Module, str]:
+        """The dense block and the digest of its source weights."""
         prefix = f"{kind}_blocks.{index}"
         cls = DoubleStreamBlock if kind == "double" else SingleStreamBlock
         make = dense_linears(self.dtype)
         with torch.device("meta"):
             block = cls(prefix, self.config, make, self.dtype, None)
         block.to_empty(device=self.device)
-        self._load(block, prefix + ".")
-        return block.eval()
+        digest = self._load(block, prefix + ".")
+        return block.eval(), digest
 
     def _run(self, block: nn.Module, kind: str, batch: list[int]):
         txt_len, height, width = self.layout[batch[0]]
@@ -360,19 +377,29 @@ class FluxCalibrator:
             approx += parts["lora_up"].float() @ parts["lora_down"].float()
         linear.weight.data.copy_(approx)
 
-    def _keep(self, prefix: str, names: Sequence[str]) -> None:
-        """The block's finished layers into the store, as one piece."""
+    def _keep(self, prefix: str, names: Sequence[str], source: str) -> None:
+        """The block's finished layers into the store, as one piece, with the digest of the
+        source weights they were calibrated from."""
         tensors, errors = {}, []
         for name in names:
             parts, error = self._results[f"{prefix}.{name}"]
             tensors.update({f"{prefix}.{name}.{suffix}": t for suffix, t in parts.items()})
             errors.append(dataclasses.asdict(error))
-        self.store.put(prefix, tensors, {"block": prefix, "errors": json.dumps(errors)})
+        metadata = {"block": prefix, "errors": json.dumps(errors), "source_sha256": source}
+        self.store.put(prefix, tensors, metadata)
 
-    def _restore(self, block: nn.Module | None, prefix: str, names: Sequence[str]) -> None:
+    def _restore(
+        self, block: nn.Module | None, prefix: str, names: Sequence[str], source: str
+    ) -> None:
         """The block's layers and errors from the store (each checked against the layer
-        schema); with quantized inputs ``block`` (when given) then computes with them."""
+        schema, and refused when calibrated from other source weights than ``source``, their
+        digest); with quantized inputs ``block`` (when given) then computes with them."""
         tensors, metadata = self.store.get(prefix)
+        if metadata.get("source_sha256") != source:
+            raise ResumeError(
+                f"{self.store.path}: {prefix} was calibrated from other source weights than "
+                f"this file's (a swapped source file?); {self.store.start_over}"
+            )
         try:
             errors = json.loads(metadata["errors"])
             expected = set()
@@ -397,7 +424,7 @@ class FluxCalibrator:
         except (KeyError, TypeError, ValueError) as err:
             raise DamagedFileError(
                 f"{self.store.path}: the piece of {prefix} does not hold its layers "
-                f"({str(err)[:120]}); {START_OVER}"
+                f"({str(err)[:120]}); {self.store.start_over}"
             ) from None
 
     def _process(self, kind: str, index: int) -> None:
@@ -407,15 +434,14 @@ class FluxCalibrator:
             self.img, self.txt = [], []
         groups = DOUBLE_GROUPS if kind == "double" else SINGLE_GROUPS
         last = self._next == len(self._order) - 1
+        block, source = self._block(kind, index)
         if self._next < self.resumed:  # finished by an interrupted run: loaded
             if self.resumed == len(self._order):  # no block after it needs its outputs
-                self._restore(None, prefix, sum(groups, ()))
+                self._restore(None, prefix, sum(groups, ()), source)
                 self.img, self.txt, self.joint = [], [], []
                 return
-            block = self._block(kind, index)
-            self._restore(block, prefix, sum(groups, ()))
+            self._restore(block, prefix, sum(groups, ()), source)
         else:
-            block = self._block(kind, index)
             if not self.sequential:
                 groups = (sum(groups, ()),)
             for names in groups:
@@ -423,7 +449,7 @@ class FluxCalibrator:
                 for name in names:
                     self._quantize(block, prefix, name, hessians.pop(name))
             if self.store is not None:
-                self._keep(prefix, sum(groups, ()))
+                self._keep(prefix, sum(groups, ()), source)
         if not last:  # the next block's inputs
             with torch.no_grad():
                 for batch in self.batches:

@@ -31,13 +31,13 @@ from comfyui_ternary_flux.distill.teacher import (
 from comfyui_ternary_flux.distill.train import check_run, distill
 from comfyui_ternary_flux.models import flux1_calibrate
 from comfyui_ternary_flux.models.family import random_weights
-from comfyui_ternary_flux.models.files import calibration_store, load_ternary_model
+from comfyui_ternary_flux.models.files import calibration_store, load_ternary_model, quantize_file
 from comfyui_ternary_flux.models.flux1 import FluxConfig, flux_shapes
 from comfyui_ternary_flux.models.flux1_calibrate import Calibration, FluxCalibrator
 from comfyui_ternary_flux.models.flux1_torch import flux_from_state_dict
 from comfyui_ternary_flux.ternary.calibrate import CalibrationError, accumulate_hessian
 from comfyui_ternary_flux.ternary.integrity import read_checked, write_checked
-from comfyui_ternary_flux.ternary.resume import ResumeStore
+from comfyui_ternary_flux.ternary.resume import ResumeError, ResumeStore
 
 # One double and one single block, hidden 128 (one 128-wide head): 13 ternary layers.
 SMALL = FluxConfig(
@@ -471,3 +471,51 @@ def test_a_store_piece_of_other_tensors_is_named(job, deep, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert f"{store}: the piece of double_blocks.0 does not hold its layers" in err
     assert "lora_alpha" in err and not out.exists() and piece.exists()
+    assert len(err.strip().splitlines()) == 1, err  # a refusal: no note about resuming
+    out.write_bytes(b"an output already there")  # (Ctrl-C after it was written, say)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "exists; pass --force" in err, err
+
+
+def test_a_source_swapped_with_its_size_and_mtime_kept_is_refused_by_block(
+    job, deep, tmp_path, monkeypatch, capsys
+):
+    """The record's file identity (path, size, mtime) cannot tell a swapped file of the same
+    size whose mtime was kept: each kept block's source digest does, by name."""
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(deep["src"].read_bytes())
+    out = tmp_path / "out.safetensors"
+    args = _deep_args(job, src, out)
+    with monkeypatch.context() as patch:
+        _interrupt_after_blocks(patch, 2)
+        assert main(args) == 130
+    stat = src.stat()
+    weights = random_weights(flux_shapes(DEEP), 7, dtype=torch.float32)
+    key = "double_blocks.1.img_mlp.0.weight"
+    weights[key] = weights[key] + 1.0  # the same shapes and dtypes: the same size
+    save_file(weights, str(src))
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert src.stat().st_size == stat.st_size
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "double_blocks.1 was calibrated from other source weights" in err
+    assert not out.exists() and len(_pieces(calibration_store(out))) == 2
+
+
+def test_other_examples_of_the_same_count_without_a_named_source_are_refused(
+    job, deep, tmp_path, monkeypatch
+):
+    """quantize_file's calibration may name no data set (``source`` empty): the examples'
+    digest is what tells a rerun on other examples of the same count."""
+    examples = list(teacher_calibration(job / "data", 8).examples)
+    out = tmp_path / "out.safetensors"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _interrupt_after_blocks(patch, 1)
+        quantize_file(deep["src"], out, 4, packing="2bit", calibration=Calibration(examples))
+    others = [{**e, "t": e["t"] * 0.5} for e in examples]  # the same count and shapes
+    with pytest.raises(ResumeError, match=r"other settings \(examples_sha256 '"):
+        quantize_file(deep["src"], out, 4, packing="2bit", calibration=Calibration(others))
+    assert len(_pieces(calibration_store(out))) == 1 and not out.exists()

@@ -71,12 +71,12 @@ def test_status_of_a_dead_process_reads_died(tmp_path):
 def test_on_a_file_system_without_locks_the_pid_in_the_file_is_the_lock(tmp_path, monkeypatch):
     import errno
 
-    from comfyui_ternary_flux.distill import progress
+    from comfyui_ternary_flux.ternary import lock
 
     def no_locks(fd):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(progress, "_try_lock", no_locks)
+    monkeypatch.setattr(lock, "_try_lock", no_locks)
     work = tmp_path / "work"
     with WorkLock(work):
         assert (work / "lock").read_text().strip() == str(os.getpid())
