@@ -58,7 +58,7 @@ from comfyui_ternary_flux.cli.distill import build_student
 from comfyui_ternary_flux.distill.calibration import teacher_calibration
 from comfyui_ternary_flux.distill.config import DistillConfig
 from comfyui_ternary_flux.distill.distributed import DistEnv
-from comfyui_ternary_flux.distill.progress import WorkDirBusy, WorkLock, read_progress
+from comfyui_ternary_flux.distill.progress import read_progress
 from comfyui_ternary_flux.distill.schedule import (
     derived_seed,
     resolution_shift,
@@ -79,6 +79,7 @@ from comfyui_ternary_flux.models.flux1 import FluxConfig
 from comfyui_ternary_flux.models.flux1_torch import PATCH, FluxTransformer
 from comfyui_ternary_flux.ternary.atomic import atomic_path
 from comfyui_ternary_flux.ternary.calibrate import CalibrationOptions
+from comfyui_ternary_flux.ternary.lock import WorkDirBusy, WorkLock
 
 FOLD = 4  # pixel unshuffle: 16 latent channels, as FLUX's VAE
 TEXT_TOKENS = 2

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from ..ternary.atomic import atomic_path, pid_alive, write_json_atomic
-from ..ternary.lock import LOCK, WorkDirBusy, WorkLock  # noqa: F401 (the run's lock, there)
 
 LOG = "log.jsonl"
 STATUS = "status.json"

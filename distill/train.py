@@ -7,7 +7,7 @@ step, the trainable tensors and the optimizer state. Under torchrun each process
 slice of every global batch and DDP averages the gradients, so the loss curve does not
 depend on the number of processes.
 
-Faults: a run holds its work folder's lock (progress.WorkLock), so a second process is
+Faults: a run holds its work folder's lock (ternary/lock.py), so a second process is
 refused instead of training beside it. Two checkpoints are kept (the latest and the one
 before); one whose zip CRCs fail is set aside (``.damaged``) and the run resumes from the
 other, to the same result. A non-finite loss or trained tensor stops the run with a message
@@ -35,10 +35,11 @@ from ..ternary.atomic import atomic_path, check_target
 from ..ternary.calibrate import CALIBRATED
 from ..ternary.fileformat import save_ternary_file
 from ..ternary.integrity import DamagedFileError, check_zip
+from ..ternary.lock import WorkLock
 from ..ternary.module import export_tensors
 from .config import RECIPE_KEYS, DistillConfig
 from .distributed import DistEnv
-from .progress import ProgressLog, WorkLock
+from .progress import ProgressLog
 from .schedule import derived_seed
 from .student import prepare_for_training
 from .teacher import TeacherDataset

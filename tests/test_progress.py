@@ -9,16 +9,12 @@ import sys
 import pytest
 from test_atomic import dead_pid
 
-from comfyui_ternary_flux.distill.progress import (
-    ProgressLog,
-    WorkDirBusy,
-    WorkLock,
-    read_progress,
-)
+from comfyui_ternary_flux.distill.progress import ProgressLog, read_progress
+from comfyui_ternary_flux.ternary.lock import WorkDirBusy, WorkLock
 
 HOLD = """
 import sys, time
-from comfyui_ternary_flux.distill.progress import WorkLock
+from comfyui_ternary_flux.ternary.lock import WorkLock
 with WorkLock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)

@@ -13,13 +13,14 @@ from comfyui_ternary_flux.distill.config import (
     DistillConfigError,
     load_config,
 )
-from comfyui_ternary_flux.distill.progress import WorkDirBusy, read_progress
+from comfyui_ternary_flux.distill.progress import read_progress
 from comfyui_ternary_flux.distill.student import load_student
 from comfyui_ternary_flux.distill.teacher import TeacherDataset
 from comfyui_ternary_flux.distill.train import TrainingDiverged, distill, learning_rate_factor
 from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
 from comfyui_ternary_flux.models.flux1_torch import ternary_flux_from_state_dict
 from comfyui_ternary_flux.ternary.integrity import DamagedFileError
+from comfyui_ternary_flux.ternary.lock import WorkDirBusy
 
 
 @pytest.fixture(scope="module")
