@@ -17,7 +17,28 @@ def test_calibration_benchmark_smoke_runs_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["config"] == "tiny" and result["samples"] == 4 and result["device"] == "cpu"
-    assert result["calibration_seconds"] > 0 and result["peak_ram_gb"] > 0
-    assert result["peak_gpu_allocated_bytes"] is None  # no GPU: nothing to report
+    assert result["calibration_seconds_last_call"] > 0 and result["peak_ram_gb"] > 0
+    assert result["peak_gpu_allocated_bytes_last_call"] is None  # no GPU: nothing to report
     assert "26 of 26 layers lower" in result["report"]
+    assert result["device_used_peak_bytes"] is None
     assert "targets" not in result  # the targets are for the full model on a GPU
+
+
+def test_calibration_benchmark_cut_by_its_time_limit_continues_in_the_next_call(tmp_path):
+    """A call stopped by --time-limit exits 3 and keeps its prepared files; the same command
+    again continues (without preparing again) and its JSON adds up both calls."""
+    out = tmp_path / "calibrate.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "calibrate_full.py"), "--smoke", "--out", str(out)]
+    cmd += ["--workdir", str(tmp_path / "work"), "--lora-rank", "4"]
+    cut = subprocess.run([*cmd, "--time-limit", "0.2"], capture_output=True, text=True, timeout=600)
+    assert cut.returncode == 3, cut.stdout[-3000:] + cut.stderr[-3000:]
+    assert "rerun the same command to continue" in cut.stdout and not out.exists()
+    source = tmp_path / "work" / "flux-random.safetensors"
+    made = source.stat().st_mtime_ns
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert source.stat().st_mtime_ns == made  # not prepared again
+    result = json.loads(out.read_text())
+    assert [call["cut"] for call in result["calls"]] == [True, False]
+    assert result["command_seconds"] == round(sum(c["seconds"] for c in result["calls"]), 1)
+    assert "26 of 26 layers lower" in result["report"]
