@@ -389,6 +389,11 @@ class DistillTernary(io.ComfyNode):
         )  # fmt: skip
         data = TeacherDataset(config.data)
         check_run(config, data)  # before the student is built
+        # ComfyUI's models leave the GPU before the teacher's weights are read (from where
+        # that puts them, not held twice) and the student is built (a calibrated start keeps
+        # every calibration example's hidden states on the device).
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
         with torch.inference_mode(False), torch.enable_grad():
             state = dense_state_dict(model)
             student = student_from_tensors(
@@ -402,8 +407,6 @@ class DistillTernary(io.ComfyNode):
                 config_calibration(config, data),
             )
             del state
-            comfy.model_management.unload_all_models()
-            comfy.model_management.soft_empty_cache()
             cancel = CancelWatch(config.steps)
             # distill() records a failure in the job's status itself (once it holds the lock)
             result = distill(

@@ -110,6 +110,11 @@ class QuantizeModelToTernary(io.ComfyNode):
             calibration = teacher_calibration(
                 dataset_dir(teacher_data.strip()), calibration_samples, progress=progress
             )
+            # Calibration keeps every example's hidden states on the device (6.4 GiB for 256
+            # FLUX.1-dev examples at 1024x1024): ComfyUI's models leave the GPU first, so the
+            # source weights below are read from where that puts them, not held twice.
+            comfy.model_management.unload_all_models()
+            comfy.model_management.soft_empty_cache()
         state = dense_state_dict(model)
         tensors, _, report = quantize_state_dict(
             state,

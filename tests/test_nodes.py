@@ -568,3 +568,32 @@ def test_quantize_node_calibrates_on_a_teacher_data_set(ternary_folder, tmp_path
         QuantizeModelToTernary.execute(*args, str(data), 13)
     with pytest.raises(ValueError, match="not found"):
         QuantizeModelToTernary.execute(*args, str(tmp_path / "nothing"), 4)
+
+
+def test_quantize_node_unloads_comfyuis_models_before_reading_the_weights_to_calibrate(
+    ternary_folder, tmp_path, monkeypatch
+):
+    """Calibration needs device memory for every example's hidden states: the models ComfyUI
+    holds loaded leave first, and the weights are read after that (not held twice)."""
+    from distill_helpers import build_data
+
+    from comfyui_ternary_flux.nodes import quantize_node
+
+    data = tmp_path / "teacher-data"
+    build_data(data)
+    dense = comfy.sd.load_diffusion_model_state_dict(random_flux_state_dict(TINY_FLUX, seed=2))
+    comfy.model_management.load_models_gpu([dense])
+    assert comfy.model_management.current_loaded_models
+    loaded_when_read = []
+
+    def reading(model):
+        loaded_when_read.append(len(comfy.model_management.current_loaded_models))
+        return dense_state_dict(model)
+
+    monkeypatch.setattr(quantize_node, "dense_state_dict", reading)
+    QuantizeModelToTernary.execute(dense, 4, "absmean", "16-bit", str(data), 12)
+    assert loaded_when_read == [0]
+    comfy.model_management.load_models_gpu([dense])  # without calibration nothing is unloaded
+    QuantizeModelToTernary.execute(dense, 4, "absmean", "16-bit")
+    assert loaded_when_read == [0, 1]
+    comfy.model_management.unload_all_models()

@@ -191,9 +191,19 @@ def test_the_calibrated_start_trains_with_its_recipe_from_both_nodes(comfy_dirs,
     build(model)
     numbers = {**NUMBERS, "steps": 10, "checkpoint_every": 10, "init": "calibrated",
                "calibration_samples": 4}  # fmt: skip
+    comfy.model_management.load_models_gpu([model])
+    loaded_when_read, read = [], nodes.dense_state_dict
+    monkeypatch.setattr(
+        nodes,
+        "dense_state_dict",
+        lambda m: (
+            loaded_when_read.append(len(comfy.model_management.current_loaded_models)) or read(m)
+        ),
+    )
     nodes.DistillTernary.execute(
         model=model, dataset="tiny", name="cal", gradient_checkpointing=False, **numbers
     )
+    assert loaded_when_read == [0]  # ComfyUI's models left the GPU before the weights were read
     _, steps = nodes.read_progress(nodes.job_dir("cal"))
     lora = [s["lr_lora"] for s in steps]
     assert lora[0] == pytest.approx(1e-3) and lora[1] == pytest.approx(2e-3)  # 1 warm-up step
