@@ -163,5 +163,5 @@ def add_distill_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("config", help="JSON or TOML: model, output, prompts and teacher settings")
     t.set_defaults(func=cmd_teacher)
     d = sub.add_parser("distill", help="distill a ternary + LoRA student from a teacher data set")
-    d.add_argument("config", help="JSON or TOML distillation config (see distill_config.py)")
+    d.add_argument("config", help="JSON or TOML distillation config (see distill/config.py)")
     d.set_defaults(func=cmd_distill)

@@ -14,8 +14,9 @@ group's inputs with the groups before it already quantized; ``inputs="dense"`` c
 every linear from the dense model in one pass per block.
 
 Memory: the hidden states of all examples (examples x tokens x hidden in the compute dtype;
-256 FLUX.1-dev examples at 1024x1024 are 7.2 GB in bf16), one dense block, and the Hessians
-of one group of linears (at most 2 x 12288^2 or 15360^2 float64: 2.4 GB).
+256 FLUX.1-dev examples at 1024x1024 and 256 text tokens are 6.8 GB in bf16), one dense
+block, and the Hessians of one group of linears (at most 2 x 12288^2 or 15360^2 float64:
+2.4 GB).
 
 Resume: with a store (ternary/resume.py), every finished block's calibrated tensors and errors
 are kept there as one piece. A calibrator given a store that holds the first blocks of an
@@ -435,7 +436,7 @@ class FluxCalibrator:
         Joined one example at a time, dropping its two streams as it goes, so the device never
         holds both copies of the hidden states: on FLUX.1-dev (256 examples, 1024x1024) the
         whole-list join held 6.4 GiB twice, and was the calibration's peak (15.73 GiB
-        allocated, NVIDIA H200; the device's use jumped by 7.9 GB at that point)."""
+        allocated, NVIDIA H200; the device's use jumped by 8.3 GB at that point)."""
         img, txt, self.img, self.txt = self.img, self.txt, [], []
         self.joint = [torch.cat((txt.pop(0), img.pop(0))) for _ in range(len(img))]
 
