@@ -58,6 +58,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["quantize", "--device", "cuda", "-o", str(tmp_path / "c.safetensors")]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+    for typo in ("gpu", "meta"):  # refused by name, not a traceback from the first tensor
+        assert main(["quantize", "--device", typo, "-o", str(tmp_path / "c.safetensors")]) == 2
+        assert f"--device {typo!r}: not a device to quantize on" in _one_line(
+            capsys.readouterr().err
+        )
     state = random_flux_state_dict(TINY_FLUX, seed=3)
     state["double_blocks.0.img_attn.qkv.scale_weight"] = torch.ones(1)
     save_file(state, str(tmp_path / "fp8scaled.safetensors"))
