@@ -219,6 +219,24 @@ def test_ctrl_c_and_sigterm_end_cleanly(tmp_path, monkeypatch, capsys, how, code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
 
 
+def test_ctrl_c_while_the_command_line_starts_is_one_line():
+    """Ctrl-C in the seconds torch takes to load (before main runs): exit 130, no traceback."""
+    script = (
+        "import builtins, runpy\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'torch':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "runpy.run_module('comfyui_ternary_flux', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "info", "x"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "error: interrupted (Ctrl-C) while starting; nothing was done\n"
+
+
 def test_sigterm_from_outside_removes_the_partial_file(tmp_path):
     """A real process, terminated while it writes: exit code 143, nothing left behind."""
     src = _tiny_source(tmp_path)
