@@ -55,6 +55,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     )
     assert main(["quantize", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path), "-o", str(tmp_path / "f.safetensors")]) == 4
+    assert f"error: {tmp_path}: is a folder, not a safetensors file" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["quantize", "--device", "cuda", "-o", str(tmp_path / "c.safetensors")]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
