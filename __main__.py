@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli.main import main
+try:
+    from .cli.main import main
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): one line, as in a command
+    print("error: interrupted (Ctrl-C) while starting; nothing was done", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -128,11 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                 "lora_rank": args.lora_rank, "inputs": args.inputs, "device": device}  # fmt: skip
     calls_path = work / CALLS
     state = json.loads(calls_path.read_text()) if calls_path.is_file() else None
-    if state is not None and (state["settings"] != settings or state.get("done")):
-        state = None  # other settings, or a finished run: start over
+    if state is not None and (
+        state["settings"] != settings or state.get("done") or "calls" not in state
+    ):
+        state = None  # other settings, a finished run, or one stopped preparing: start over
     if state is None:
+        in_the_way = [p.name for p in (src, data, dst) if p.exists()]
+        if in_the_way and not calls_path.is_file():  # the user's folder: data/ is not ours
+            parser.error(
+                f"--workdir {work} holds {', '.join(in_the_way)}, which this benchmark did not "
+                "make (no calls.json) and would replace; use an empty or new folder"
+            )
         started = time.perf_counter()
         work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(calls_path, {"settings": settings})  # the folder is ours from here
         shutil.rmtree(data, ignore_errors=True)  # this benchmark's own folder: made again
         source_bytes = write_random_model(src, config, device)
         write_data(data, samples, side, config.context_in_dim, tokens)

@@ -86,8 +86,22 @@ class ProgressPrinter:
 
 
 def _device(name: str) -> str:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    """``--device``, refused by name before anything is read (a typo such as ``gpu`` was a
+    traceback from the first tensor moved there)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: not a device to quantize on; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                "numbered from cuda:0"
+            )
     return name
 
 

@@ -42,6 +42,11 @@ from .schedule import (
 FORMAT_NAME = "ternary-flux-teacher"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# What to do about an unreadable manifest: a build refuses to extend one it cannot read.
+REWRITE = (
+    "delete it and build the data set again into this folder with the same settings and "
+    "prompts (finished shards are kept)"
+)
 
 # encode(prompt) -> (context [L, D], pooled [P])
 Encoder = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
@@ -180,10 +185,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, ValueError) as err:
-        raise TeacherDataError(
-            f"{path}: damaged ({str(err)[:80]}); build the data set again into this folder to "
-            "rewrite it (finished shards are kept)"
-        ) from None
+        raise TeacherDataError(f"{path}: damaged ({str(err)[:80]}); {REWRITE}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise TeacherDataError(f"{path}: not a teacher data set manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -191,6 +193,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             f"{path}: teacher data set version {manifest.get('format_version')}, this pack reads "
             f"version {FORMAT_VERSION}"
         )
+    if not isinstance(manifest.get("prompts"), list):
+        raise TeacherDataError(f"{path}: no prompt list; {REWRITE}")
     return manifest
 
 
@@ -366,7 +370,8 @@ class TeacherDataset:
         shards = manifest.get("shards")
         ok = isinstance(shards, list) and all(
             isinstance(s, dict) and isinstance(s.get("file"), str)
-            and isinstance(s.get("samples"), list) for s in shards
+            and isinstance(s.get("samples"), list) and all(type(i) is int for i in s["samples"])
+            for s in shards
         )  # fmt: skip
         if not ok or not shards or not isinstance(manifest.get("settings"), dict):
             raise TeacherDataError(

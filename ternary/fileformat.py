@@ -23,6 +23,7 @@ allocated, and every malformed header gives a :class:`TernaryFormatError` naming
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import mmap
@@ -277,6 +278,8 @@ def _shape(value, key: str, name: str) -> tuple[int, ...]:
 def _parse_header(path: Path) -> tuple[dict, dict, dict[str, tuple[int, int]]]:
     """(metadata, {key: (dtype name, shape)}, {key: absolute (begin, end)}) of a safetensors
     file, checking every entry against the file's length."""
+    if path.is_dir():  # ("no such file" for a folder that is there misled)
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a safetensors file", str(path))
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     name = path.name

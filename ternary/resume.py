@@ -71,14 +71,20 @@ def file_identity(path: str | os.PathLike) -> dict[str, object]:
 
 
 def _differences(old: Mapping, new: Mapping) -> list[str]:
-    """'KEY OLD there, NEW now' for every setting that differs (nested ones just named)."""
+    """'KEY OLD there, NEW now' for every setting that differs; a nested one is named with the
+    entries that differ in it ('source differs (mtime_ns)': the file was changed or touched)."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a == b:
             continue
-        scalar = not isinstance(a, dict | list) and not isinstance(b, dict | list)
-        out.append(f"{key} {a!r} there, {b!r} now" if scalar else f"{key} differs")
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            out.append(f"{key} differs ({', '.join(inner)})")
+        elif isinstance(a, dict | list) or isinstance(b, dict | list):
+            out.append(f"{key} differs")
+        else:
+            out.append(f"{key} {a!r} there, {b!r} now")
     return out
 
 

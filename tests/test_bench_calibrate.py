@@ -42,3 +42,19 @@ def test_calibration_benchmark_cut_by_its_time_limit_continues_in_the_next_call(
     assert [call["cut"] for call in result["calls"]] == [True, False]
     assert result["command_seconds"] == round(sum(c["seconds"] for c in result["calls"]), 1)
     assert "26 of 26 layers lower" in result["report"]
+
+
+def test_calibration_benchmark_refuses_a_workdir_of_files_it_did_not_make(tmp_path):
+    """--workdir pointed at the user's folder: its data/ and out.safetensors are left as they
+    are (preparing deleted data/ and replaced out.safetensors)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("mine")
+    (tmp_path / "out.safetensors").write_text("mine too")
+    cmd = [sys.executable, str(ROOT / "bench" / "calibrate_full.py"), "--smoke"]
+    cmd += ["--workdir", str(tmp_path), "--out", str(tmp_path / "calibrate.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"--workdir {tmp_path} holds data, out.safetensors, which this benchmark" in done.stderr
+    assert (tmp_path / "data" / "mine.txt").read_text() == "mine"
+    assert (tmp_path / "out.safetensors").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.safetensors"]

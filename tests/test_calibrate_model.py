@@ -417,7 +417,7 @@ def test_a_resume_with_other_settings_is_refused_and_restart_starts_over(
     stat = deep["src"].stat()
     try:  # the same name, but the file changed since
         os.utime(deep["src"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-        assert "source differs" in refused()
+        assert "(source differs (mtime_ns)); rerun" in refused()
     finally:
         os.utime(deep["src"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
 

@@ -55,9 +55,16 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     )
     assert main(["quantize", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path), "-o", str(tmp_path / "f.safetensors")]) == 4
+    assert f"error: {tmp_path}: is a folder, not a safetensors file" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["quantize", "--device", "cuda", "-o", str(tmp_path / "c.safetensors")]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+    for typo in ("gpu", "meta"):  # refused by name, not a traceback from the first tensor
+        assert main(["quantize", "--device", typo, "-o", str(tmp_path / "c.safetensors")]) == 2
+        assert f"--device {typo!r}: not a device to quantize on" in _one_line(
+            capsys.readouterr().err
+        )
     state = random_flux_state_dict(TINY_FLUX, seed=3)
     state["double_blocks.0.img_attn.qkv.scale_weight"] = torch.ones(1)
     save_file(state, str(tmp_path / "fp8scaled.safetensors"))
@@ -212,6 +219,24 @@ def test_ctrl_c_and_sigterm_end_cleanly(tmp_path, monkeypatch, capsys, how, code
     assert said in _one_line(capsys.readouterr().err)
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the command's only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_ctrl_c_while_the_command_line_starts_is_one_line():
+    """Ctrl-C in the seconds torch takes to load (before main runs): exit 130, no traceback."""
+    script = (
+        "import builtins, runpy\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'torch':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "runpy.run_module('comfyui_ternary_flux', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "info", "x"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "error: interrupted (Ctrl-C) while starting; nothing was done\n"
 
 
 def test_sigterm_from_outside_removes_the_partial_file(tmp_path):

@@ -57,13 +57,17 @@ def test_other_settings_or_another_source_are_named(tmp_path):
     store.close()
     with pytest.raises(ResumeError, match=r"other settings \(rank 4 there, 8 now\); rerun with"):
         ResumeStore(path, {"name": "src", "bytes": 10}).begin({**SETTINGS, "rank": 8}, KEYS)
-    with pytest.raises(ResumeError, match=r"options differs; rank 4 there, None now"):
+    with pytest.raises(ResumeError, match=r"options differs \(damp\); rank 4 there, None now"):
         ResumeStore(path, {"name": "src", "bytes": 10}).begin(
             {"options": {}, "multipliers": [1.0, 2.0]}, KEYS
         )
-    with pytest.raises(ResumeError, match=r"\(source differs\).*or delete that folder to start"):
+    with pytest.raises(
+        ResumeError, match=r"\(source differs \(bytes\)\).*or delete that folder to start"
+    ):
         ResumeStore(path, {"name": "src", "bytes": 11}).begin(SETTINGS, KEYS)
-    with pytest.raises(ResumeError, match=r"differs\); rerun .*, or use the flag$"):
+    with pytest.raises(
+        ResumeError, match=r"source differs \(bytes\)\); rerun .*, or use the flag$"
+    ):
         ResumeStore(path, {"name": "src"}, start_over="use the flag").begin(SETTINGS, KEYS)
     assert is_store(path)  # a refusal deletes nothing
     # restart: the old store goes with the new one's first piece (a job refused after begin

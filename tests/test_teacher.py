@@ -152,6 +152,9 @@ def test_a_damaged_shard_is_refused_by_training_and_rebuilt_by_a_resumed_build(t
         (lambda m: m.update(shards=[]), "no usable shard list"),
         (lambda m: m.update(shards=[{"file": 3}]), "no usable shard list"),
         (lambda m: m.update(settings="x"), "no usable shard list"),
+        (lambda m: m["shards"][0].update(samples=["a"]), "no usable shard list"),
+        (lambda m: m.pop("prompts"), "manifest.json: no prompt list; delete it and build"),
+        (lambda m: m.pop("prompts") and m.update(complete=False), "no prompt list"),
         (lambda m: m["shards"][0].update(file="shard-09999.safetensors"),
          "shard-09999.safetensors is listed in .*manifest.json but missing"),
         (lambda m: m["settings"].update(width="wide"), "manifest.json: bad settings"),
@@ -170,6 +173,24 @@ def test_broken_manifests_are_named(tmp_path, edit, message):
         path.write_text(json.dumps(manifest))
     with pytest.raises(TeacherDataError, match=message):
         TeacherDataset(data)
+
+
+def test_a_damaged_manifest_is_rewritten_as_its_message_says(tmp_path):
+    """Deleted and built again with the same settings and prompts: complete, shards kept (a
+    build into the folder with the damaged manifest is refused as training is)."""
+    data = tmp_path / "data"
+    build_data(data, prompts=PROMPTS[:4])
+    shards = {p.name: p.stat().st_mtime_ns for p in data.glob("shard-*")}
+    (data / "manifest.json").write_text("{not json")
+    with pytest.raises(TeacherDataError, match="delete it and build the data set again") as err:
+        TeacherDataset(data)
+    with pytest.raises(TeacherDataError, match="manifest.json: damaged"):
+        build_data(data, prompts=PROMPTS[:4])
+    assert "with the same settings and prompts (finished shards are kept)" in str(err.value)
+    (data / "manifest.json").unlink()
+    assert build_data(data, prompts=PROMPTS[:4])["complete"]
+    assert {p.name: p.stat().st_mtime_ns for p in data.glob("shard-*")} == shards
+    assert len(TeacherDataset(data)) == 4 * SETTINGS.points_per_prompt
 
 
 def test_the_distill_command_names_a_damaged_shard_in_one_line(tmp_path, capsys):
