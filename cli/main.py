@@ -155,7 +155,14 @@ def _quantize_resumable(src: Path, out: Path, options: dict, restart: bool):
     from ..ternary.resume import is_store
 
     if options["calibration"] is None:
-        return quantize_file(src, out, **options)
+        report = quantize_file(src, out, **options)
+        if is_store(store := calibration_store(out)):  # an interrupted calibrated run's
+            print(
+                f"note: {store} holds the finished blocks of an interrupted calibrated run to "
+                f"{out.name}; quantize with the same --calibrate to resume it, or delete it",
+                file=sys.stderr,
+            )
+        return report
     try:
         return quantize_file(
             src, out, **options, restart=restart, log=print,

@@ -420,6 +420,12 @@ def test_a_resume_with_other_settings_is_refused_and_restart_starts_over(
         assert "(source differs (mtime_ns)); rerun" in refused()
     finally:
         os.utime(deep["src"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # a plain quantize to the same output leaves the kept blocks as they are, and says so
+    assert main(["quantize", str(deep["src"]), "-o", str(out), "--lora-rank", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {store} holds the finished blocks of an interrupted calibrated run" in err
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == kept
+    out.unlink()
 
     calls = _layers_quantized(monkeypatch)
     assert main([*args, "--lora-rank", "8", "--restart"]) == 0
