@@ -421,7 +421,15 @@ class TeacherDataset:
         sample = self.sample_ids[index // self.points]
         point = index % self.points
         z0 = self._get(sample, "z0").float()
-        t = self._get(sample, "t")[point].float()
+        times = self._get(sample, "t")
+        if len(times) != self.points:  # a manifest edited by hand, or another set's shards
+            raise TeacherDataError(
+                f"{self.directory / self._where[sample]}: sample {sample} holds {len(times)} "
+                f"training points, {self.directory / MANIFEST} says {self.points} per prompt; "
+                "delete the manifest and build the data set again with the settings it was "
+                "made with (finished shards are kept)"
+            )
+        t = times[point].float()
         eps = seeded_normal(int(self._get(sample, "noise_seed")[point]), tuple(z0.shape))
         return {
             "z_t": (1 - t) * z0 + t * eps,

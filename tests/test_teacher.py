@@ -175,6 +175,21 @@ def test_broken_manifests_are_named(tmp_path, edit, message):
         TeacherDataset(data)
 
 
+def test_a_manifest_whose_points_disagree_with_its_shards_is_named(tmp_path):
+    """points_per_prompt edited by hand: the example read names the shard and both counts
+    (an IndexError, or wrong examples, before)."""
+    data = tmp_path / "data"
+    build_data(data, prompts=PROMPTS[:2])
+    path = data / "manifest.json"
+    manifest = json.loads(path.read_text())
+    stored = manifest["settings"]["points_per_prompt"]
+    manifest["settings"]["points_per_prompt"] = stored + 3
+    path.write_text(json.dumps(manifest))
+    dataset = TeacherDataset(data)
+    with pytest.raises(TeacherDataError, match=rf"sample 0 holds {stored} training points, "):
+        dataset.example(0)
+
+
 def test_a_damaged_manifest_is_rewritten_as_its_message_says(tmp_path):
     """Deleted and built again with the same settings and prompts: complete, shards kept (a
     build into the folder with the damaged manifest is refused as training is)."""
