@@ -21,6 +21,17 @@ def files(suffix: str) -> list[str]:
     return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(suffix)]
 
 
+def _first_folder() -> str:
+    return os.path.realpath(folder_paths.get_folder_paths(FOLDER)[0])
+
+
+def listed_name(path: str) -> str:
+    """A file of :func:`output_path` as Load Ternary Diffusion Model lists it: relative to
+    the folder, so a name given with a subfolder loads that file, not one of the same name
+    at the top."""
+    return os.path.relpath(path, _first_folder())
+
+
 def output_path(name: str) -> str:
     """A new file in the first ternary folder: ``name`` itself, or ``name_00001`` and on.
 
@@ -28,8 +39,9 @@ def output_path(name: str) -> str:
     path is resolved (links followed) and must stay inside the folder, so a link that already
     exists there (``linked/escaped`` with ``linked`` pointing elsewhere) cannot lead a save out.
     """
-    folder = os.path.realpath(folder_paths.get_folder_paths(FOLDER)[0])
-    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    folder = _first_folder()
+    stem = name.strip()  # a widget's stray spaces would end up in the file name
+    stem = stem.removesuffix(".safetensors")
     if not stem or os.path.isabs(stem) or ".." in stem.replace("\\", "/").split("/"):
         raise ValueError(f"invalid file name {name!r}: give a name inside models/ternary")
     path = os.path.join(folder, f"{stem}.safetensors")

@@ -83,6 +83,6 @@ class SaveTernaryModel(io.ComfyNode):
         tensors, layers, rank = ternary_file_tensors(model, packing)
         header = ternary_file_header(model)
         save_ternary_file(path, tensors, layers, packing=packing, lora_rank=rank, **header)
-        name = os.path.basename(path)
+        name = folders.listed_name(path)
         text = f"saved {name} ({os.path.getsize(path) / 1e6:.1f} MB, {len(layers)} ternary layers)"
         return io.NodeOutput(name, ui=ui.PreviewText(text))

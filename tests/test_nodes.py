@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 import torch
@@ -541,8 +542,24 @@ def test_save_cannot_escape_models_ternary_through_a_link(ternary_folder, tmp_pa
     (inside := ternary_folder / "sub").mkdir()
     (ternary_folder / "alias").symlink_to(inside, target_is_directory=True)
     (kept,) = SaveTernaryModel.execute(model, "alias/model", "base3").args
-    assert (inside / kept).is_file()
+    assert kept == os.path.join("sub", "model.safetensors") and (ternary_folder / kept).is_file()
     assert list(outside.iterdir()) == []
+
+
+def test_save_names_the_file_as_the_loader_lists_it(ternary_folder, quantized):
+    """A name with a subfolder comes back with it: the bare name would load another file of
+    that name at the top of models/ternary. Spaces around a name are not part of it."""
+    state = random_flux_state_dict(TINY_FLUX, seed=2)
+    other = patcher_from_state_dict(quantize_state_dict(state)[0], scale_rule="absmean")
+    (top,) = SaveTernaryModel.execute(other, "model", "base3").args
+    model = patcher_from_state_dict(quantized[0], scale_rule="absmean")
+    (name,) = SaveTernaryModel.execute(model, " sub/model ", "base3").args
+    assert (top, name) == ("model.safetensors", os.path.join("sub", "model.safetensors"))
+    assert name in folder_paths.get_filename_list("ternary")
+    (loaded,) = LoadTernaryDiffusionModel.execute(name, "16-bit").args
+    assert torch.equal(run(loaded), run(model))
+    with pytest.raises(ValueError, match="invalid file name '  '"):
+        SaveTernaryModel.execute(model, "  ", "base3")
 
 
 def test_quantize_node_calibrates_on_a_teacher_data_set(ternary_folder, tmp_path):
