@@ -48,8 +48,10 @@ from ..ternary.fileformat import MmapReader, build_metadata
 from ..ternary.integrity import DamagedFileError, check_zip
 from ..ternary.packing import pack
 from ..ternary.quantize import ternarize
+from .family import ModelFamilyError, Shapes
 from .files import dense_tensors, diffusion_model_keys, logical, strip_prefix
-from .flux1 import FAMILY, detect_config, is_block_linear
+from .flux1 import FAMILY, FluxConfig, NotFluxError, detect_config, is_block_linear
+from .registry import detect_family
 
 # BFL module (inside a block) -> its diffusers linears, in BFL row order.
 _DOUBLE_BLOCK = {
@@ -361,6 +363,31 @@ def check_base(
     return median
 
 
+def base_config(shapes: Shapes, source: str) -> FluxConfig:
+    """The FLUX.1 config of a base given as {key: logical shape}. The checkpoints are of
+    FLUX.1-dev: a base of another family or FLUX.1 schnell is refused by name (their keys
+    would be blamed on the checkpoint: guidance embedder keys the base lacks)."""
+    try:
+        config = detect_config(shapes)
+    except NotFluxError:
+        try:
+            family, other = detect_family(shapes)
+        except ModelFamilyError:
+            family = None
+        if family is None or family is FAMILY:
+            raise
+        raise NotFluxError(
+            f"{source} is {family.describe(other)}: reproduction checkpoints are of "
+            "FLUX.1-dev; use the bf16 FLUX.1-dev base"
+        ) from None
+    if not config.guidance_embed:
+        raise NotFluxError(
+            f"{source} is FLUX.1 schnell-like (no guidance embedder): reproduction checkpoints "
+            "are of FLUX.1-dev; use the bf16 FLUX.1-dev base"
+        )
+    return config
+
+
 def import_reproduction(
     base_path: str | os.PathLike,
     checkpoint_path: str | os.PathLike,
@@ -433,7 +460,7 @@ def _import(
     (key -> tensor) describe the base under its own key names."""
     names = {strip_prefix(k): k for k in diffusion_model_keys(list(base_shapes))}
     shapes = {k: base_shapes[names[k]] for k in names}
-    config = detect_config(logical(shapes))
+    config = base_config(logical(shapes), source)
     linears = _plan_linears(logical(shapes), config.hidden_size)
     for lin in linears:
         dtype = shapes[f"{lin.module}.weight"][0]

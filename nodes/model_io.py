@@ -16,9 +16,9 @@ import comfy.sd
 import torch
 from comfy_api.latest import io
 
-from ..models import flux1
 from ..models.files import load_ternary_model
 from ..models.registry import detect_family
+from ..models.reproduction import base_config
 from .lora_branches import install
 from .ternary_ops import TernaryOps, ternary_modules
 
@@ -194,7 +194,7 @@ def check_bf16_flux(patcher) -> None:
 
     if ternary_modules(patcher):
         raise ValueError("this MODEL is already ternary")
-    flux1.detect_config(logical_shapes(patcher))  # the reproduction is of FLUX.1-dev
+    base_config(logical_shapes(patcher), "this MODEL")  # the reproduction is of FLUX.1-dev
     refuse_patches(patcher, "connect the plain bf16 FLUX.1-dev, from before the LoRA loaders")
     for key, tensor in bfl_state_dict(patcher).items():
         if isinstance(tensor, QuantizedTensor):

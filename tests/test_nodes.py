@@ -20,7 +20,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
 from comfyui_ternary_flux.models.files import quantize_state_dict
-from comfyui_ternary_flux.models.flux1 import TINY_FLUX, is_block_linear, random_flux_state_dict
+from comfyui_ternary_flux.models.flux1 import (
+    TINY_FLUX,
+    TINY_SCHNELL,
+    is_block_linear,
+    random_flux_state_dict,
+)
 from comfyui_ternary_flux.models.reproduction import import_reproduction
 from comfyui_ternary_flux.ternary.measure import relative_error
 from comfyui_ternary_flux.ternary.packing import unpack_2bit
@@ -391,6 +396,7 @@ def test_reproduction_node_refuses_what_is_not_the_bf16_base(reproduction, quant
         (with_lora(load(dict(bfl)), bias_diff, 1.0), "carries patches on 1 weights"),
         (patcher_from_state_dict(quantized[0], scale_rule="absmean"), "already ternary"),
         (NotFlux, "not a FLUX.1 diffusion model: missing img_in.weight"),
+        (load(random_flux_state_dict(TINY_SCHNELL, seed=3)), "this MODEL is FLUX.1 schnell-like"),
     ]
     for model, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -13,8 +13,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from comfyui_ternary_flux.models import flux2
+from comfyui_ternary_flux.models.family import random_weights
 from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
-from comfyui_ternary_flux.models.flux1 import TINY_FLUX, NotFluxError, random_flux_state_dict
+from comfyui_ternary_flux.models.flux1 import (
+    TINY_FLUX,
+    TINY_SCHNELL,
+    NotFluxError,
+    random_flux_state_dict,
+)
 from comfyui_ternary_flux.models.flux1_torch import (
     flux_from_state_dict,
     ternary_flux_from_state_dict,
@@ -345,6 +352,15 @@ def test_non_finite_values_leave_no_partial_file(files, tiny):
 def test_base_that_is_not_flux(files):
     save_file({"encoder.weight": torch.zeros(4, 4, dtype=torch.bfloat16)}, files[0])
     expect_failure(files, NotFluxError, "not a FLUX.1 diffusion model")
+
+
+def test_a_base_of_another_model_is_named(files):
+    """FLUX.1 schnell lacks the guidance embedder the checkpoint has: that was blamed on the
+    checkpoint ('unknown keys ... not a reproduction checkpoint'); FLUX.2 is named."""
+    save_file(random_flux_state_dict(TINY_SCHNELL, seed=3), files[0])
+    expect_failure(files, NotFluxError, "base.safetensors is FLUX.1 schnell-like .* FLUX.1-dev")
+    save_file(random_weights(flux2.FAMILY.shapes(flux2.TINY_KLEIN)), files[0])
+    expect_failure(files, NotFluxError, r"base.safetensors is FLUX.2 \(klein-like.* FLUX.1-dev")
 
 
 def test_base_that_is_not_bf16(files, tiny):
