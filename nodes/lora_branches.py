@@ -93,10 +93,13 @@ def _patch_term(patch: tuple, key: str, module: ComfyTernaryLinear, device: torc
         zero = torch.zeros(size, k, device=device)
         down = value.calculate_weight(zero, key, strength, 1.0, None, _same, torch.float32)
     rows = down.shape[0] if up is None else up.shape[0]
-    if tuple(down.shape[1:]) != (k,) or rows != size:
+    pair = up is None or up.shape[1] == down.shape[0]
+    if tuple(down.shape[1:]) != (k,) or rows != size or not pair:
+        found = list(down.shape) if up is None else f"up {list(up.shape)}, down {list(down.shape)}"
         raise UnsupportedPatchError(
-            f"{key}: a {kind} patch for rows {start}:{start + size} does not fit this "
-            f"[{n}, {k}] layer"
+            f"{key}: a {kind} patch of {found} for rows {start}:{start + size} does not fit "
+            f"this [{n}, {k}] layer: the LoRA is for another model (or damaged); remove it "
+            "from the LoRA loader or use one made for this model"
         )
     return start, down, up
 

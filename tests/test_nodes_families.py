@@ -34,6 +34,7 @@ from comfyui_ternary_flux.nodes.distill import (  # noqa: E402
     DistillTernary,
     refuse_other_family_file,
 )
+from comfyui_ternary_flux.nodes.lora_branches import UnsupportedPatchError  # noqa: E402
 from comfyui_ternary_flux.nodes.model_io import bfl_key, patcher_from_state_dict  # noqa: E402
 from comfyui_ternary_flux.nodes.quantize_node import QuantizeModelToTernary  # noqa: E402
 from comfyui_ternary_flux.nodes.report_node import TernaryReport, step_inputs  # noqa: E402
@@ -173,6 +174,32 @@ def test_flux2_reference_latents_and_lora_branches(flux2_dev):
     assert relative(out, ksample(ternary, plain)) > 1e-3
     linear2 = ternary_modules(patched)["single_blocks.1.linear2"]
     assert linear2.bias is None and linear2.patch_dense is None  # taken back after sampling
+
+
+def test_a_lora_that_does_not_fit_a_flux2_layer_is_named(flux2_dev):
+    """A LoRA of another model (FLUX.1-dev width), or one whose up and down disagree in rank
+    (that one failed inside the kernel: 'mat1 and mat2 shapes cannot be multiplied'), is
+    refused naming the layer and what to do; the MODEL without it samples as before."""
+    _, tensors, layers = flux2_dev
+    ternary = patcher_from_state_dict(tensors, scale_rule="absmean")
+    positive = conditioning(flux2.FAMILY, flux2.TINY_FLUX2, seed=12)
+    before = ksample(ternary, positive)
+    other_model = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(3, 3072),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 3),
+    }
+    ranks = {
+        "lora_unet_single_blocks_0_linear2.lora_down.weight": torch.zeros(4, 4 * H),
+        "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.zeros(H, 3),
+    }
+    for lora, found in [
+        (other_model, r"double_blocks.0.img_attn.qkv.weight: a lora patch of up \[9216, 3\]"),
+        (ranks, r"single_blocks.0.linear2.weight: a lora patch of up \[256, 3\], down \[4, 1024\]"),
+    ]:
+        # raised by the LoRA loader where the MODEL is loaded already, else by the sampler
+        with pytest.raises(UnsupportedPatchError, match=f"{found}.* remove it from the LoRA"):
+            ksample(comfy.sd.load_lora_for_models(ternary, None, lora, 1.0, 0.0)[0], positive)
+    assert torch.equal(ksample(ternary, positive), before)
 
 
 def test_flux2_quantize_save_and_report_nodes(flux2_dev, tmp_path, monkeypatch):
