@@ -119,9 +119,9 @@ def quantize_layer(
     chosen for the output error on X; ``scale_rule`` is then only the plain rule the error
     report compares with.
     """
-    if not bool(torch.isfinite(weight).all()):
+    w = weight.float()  # torch has no isfinite for fp8 weights
+    if not bool(torch.isfinite(w).all()):
         raise ValueError(f"weight of shape {tuple(weight.shape)} holds NaN or infinite values")
-    w = weight.float()
     norm = w.norm().clamp(min=1e-30)
     if hessian is None:
         t, scale = ternarize(weight, scale_rule)

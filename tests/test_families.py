@@ -131,6 +131,20 @@ def test_flux2_file_round_trip_has_no_biases_and_its_global_modulation_ternary(t
     assert torch.equal(loaded.state_dict["txt_in.weight"], state["txt_in.weight"])
 
 
+def test_a_plain_fp8_file_quantizes_as_its_values_in_bf16(tmp_path):
+    """torch has no isfinite for fp8 e4m3: such a source failed with NotImplementedError."""
+    fp8 = torch.float8_e4m3fn
+    state = random_weights(flux2.flux2_shapes(flux2.TINY_KLEIN), seed=2)
+    save_file({k: v.to(fp8) for k, v in state.items()}, tmp_path / "fp8.safetensors")
+    save_file({k: v.to(fp8).bfloat16() for k, v in state.items()}, tmp_path / "bf16.safetensors")
+    for name in ("fp8", "bf16"):
+        quantize_file(tmp_path / f"{name}.safetensors", tmp_path / f"t_{name}.safetensors", 2)
+    got, expected = (load_ternary_model(tmp_path / f"t_{n}.safetensors") for n in ("fp8", "bf16"))
+    assert got.state_dict.keys() == expected.state_dict.keys()
+    for key, value in expected.state_dict.items():
+        assert torch.equal(got.state_dict[key], value), key
+
+
 def test_chroma_keeps_its_distilled_guidance_layer_16_bit(tmp_path):
     state = random_weights(chroma.chroma_shapes(chroma.TINY_CHROMA), seed=4)
     tensors, layers, report = quantize_state_dict(state)

@@ -237,6 +237,25 @@ def test_flux2_quantize_save_and_report_nodes(flux2_dev, tmp_path, monkeypatch):
         TernaryReport.execute(quantized, 64, 64, 1, 0, conditioning=[[torch.zeros(1, 4, 4096), {}]])
 
 
+def test_quantize_node_on_a_flux2_model_loaded_in_fp8(flux2_dev):
+    """Load Diffusion Model's weight_dtype fp8_e4m3fn: the node quantizes the fp8 values (it
+    failed: '"isfinite" not implemented for Float8_e4m3fn')."""
+    state, _, _ = flux2_dev
+    fp8 = {"dtype": torch.float8_e4m3fn}
+    source = comfy.sd.load_diffusion_model_state_dict(dict(state), model_options=fp8)
+    quantized, _ = QuantizeModelToTernary.execute(source, 2, "lsq", "16-bit").args
+    values = {k: v.to(torch.float8_e4m3fn).float() for k, v in state.items()}
+    expected, layers, _ = quantize_state_dict(values, lora_rank=2, scale_rule="lsq")
+    for name, layer in ternary_modules(quantized).items():
+        assert torch.equal(layer.weight, expected[f"{name}.weight"]), name
+        assert torch.equal(layer.weight_scale, expected[f"{name}.weight_scale"]), name
+    positive = conditioning(flux2.FAMILY, flux2.TINY_FLUX2, seed=13)
+    assert (
+        relative(ksample(quantized, positive), ksample(dense_patcher(expected, layers), positive))
+        < 1e-4
+    )
+
+
 def test_distillation_nodes_refuse_flux2(flux2_dev, tmp_path):
     from safetensors.torch import save_file
 
