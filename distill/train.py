@@ -135,6 +135,27 @@ def check_run(
         WorkLock(config.work_path).check_free()
 
 
+def check_data_fits(student: nn.Module, dataset: TeacherDataset, model: str) -> None:
+    """Refuse a teacher data set made for a model of other input widths (its first example
+    against the student's FLUX config), which would otherwise fail inside the first forward
+    pass with a bare shape error."""
+    config = student.config
+    example = dataset.example(0)
+    z, context, pooled = example["z_t"], example["context"], example["pooled"]
+    channels = config.in_channels // 4
+    if (
+        z.dim() != 3 or z.shape[0] != channels
+        or context.dim() != 2 or context.shape[1] != config.context_in_dim
+        or tuple(pooled.shape) != (config.vec_in_dim,)
+    ):  # fmt: skip
+        raise ValueError(
+            f"{dataset.directory} was made for another model: latents {list(z.shape)}, text "
+            f"{list(context.shape)}, pooled {list(pooled.shape)}; {model} takes "
+            f"[{channels}, h, w], [tokens, {config.context_in_dim}], [{config.vec_in_dim}]. "
+            "Build the teacher data with this model"
+        )
+
+
 def _all_finite(tensors) -> bool:
     flags = [torch.isfinite(t).all() for t in tensors]
     return bool(torch.stack(flags).all()) if flags else True
@@ -239,6 +260,7 @@ def distill(
     """
     env = env or DistEnv()
     check_run(config, dataset, env.world_size, check_lock=False)  # the lock is taken below
+    check_data_fits(student, dataset, config.model)
     work = config.work_path
     with WorkLock(work) if env.is_main else contextlib.nullcontext() as lock:
         if lock is not None and lock.stale_pid is not None:

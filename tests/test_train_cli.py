@@ -172,3 +172,24 @@ def test_distill_command_trains_the_calibrated_start_with_its_recipe(distill_job
     lora = [s["lr_lora"] for s in steps]
     assert lora[0] == pytest.approx(1e-3) and lora[1] == pytest.approx(2e-3)  # warm-up 1 step
     assert lora[-1] == pytest.approx(2e-4)  # the floor: 0.1 of 2 x lr_lora
+
+
+def test_a_data_set_of_another_model_is_refused_by_name(distill_job, capsys):
+    """A data set made by a model of another text width was a bare 'mat1 and mat2 shapes
+    cannot be multiplied' traceback from the first forward pass."""
+    from safetensors.torch import save_file
+
+    from comfyui_ternary_flux.models import flux1
+
+    tmp, config_file = distill_job
+    other = flux1.FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1,
+                             context_in_dim=512)  # fmt: skip
+    save_file(flux1.random_flux_state_dict(other), tmp / "narrow.safetensors")
+    assert main(["distill", config_file(model=str(tmp / "narrow.safetensors"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {tmp / 'data'} was made for another model: latents [16, 8, 8], text [8, 4096], "
+        f"pooled [768]; {tmp / 'narrow.safetensors'} takes [16, h, w], [tokens, 512], [768]. "
+        "Build the teacher data with this model"
+    )
+    assert not (tmp / "out.safetensors").exists() and not (tmp / "out.safetensors.work").exists()
