@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from ..distill.calibration import config_calibration
-from ..distill.config import DistillConfig, DistillConfigError, load_config, read_settings_file
+from ..distill.config import (
+    DTYPES,
+    DistillConfig,
+    DistillConfigError,
+    load_config,
+    read_settings_file,
+)
 from ..distill.distributed import DistEnv, init_distributed, shutdown
 from ..distill.student import distillable, load_student, student_from_tensors
 from ..distill.teacher import (
@@ -35,7 +41,11 @@ from ..models.flux1_torch import flux_from_state_dict
 from ..models.registry import random_spec
 from ..ternary.fileformat import MmapReader
 
-TEACHER_KEYS = ("model", "output", "prompts", "prompt_count", "prompt_seed", "device", "dtype")
+# The teacher command's own settings (the rest are TeacherSettings) and their types.
+TEACHER_KEYS = {
+    "model": str, "output": str, "prompts": (str, list), "prompt_count": int,
+    "prompt_seed": int, "device": str, "dtype": str,
+}  # fmt: skip
 
 
 def random_state_dict(spec: str, device: torch.device | str) -> dict[str, torch.Tensor] | None:
@@ -70,19 +80,41 @@ def model_tensors(
         yield logical(shapes), get
 
 
+def check_teacher_values(values: dict, path: str) -> None:
+    """Refuse a teacher config's own settings of the wrong type by name (a number for a path,
+    a list of non-strings as prompts were tracebacks or silently stringified)."""
+    names = {str: "a string", int: "a whole number", (str, list): "a file name or a list"}
+    for key, kind in TEACHER_KEYS.items():
+        value = values.get(key)
+        if key in values and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise DistillConfigError(f"{path}: {key} must be {names[kind]}, got {value!r}")
+    prompts = values.get("prompts")
+    if isinstance(prompts, list):
+        if not prompts:
+            raise DistillConfigError(f"{path}: prompts is an empty list")
+        bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise DistillConfigError(f"{path}: prompts must be non-empty strings, got {bad[0]!r}")
+    if values.get("prompt_count", 1) < 1:
+        raise DistillConfigError(f"{path}: prompt_count must be at least 1")
+    if values.get("dtype", "auto") not in DTYPES:
+        raise DistillConfigError(f"{path}: dtype must be one of {', '.join(DTYPES)}")
+
+
 def teacher_prompts(values: dict, base: Path) -> list[str]:
     from ..distill.prompts import generate_prompts, read_prompt_file
 
     if "prompts" in values:
         source = values["prompts"]
         if isinstance(source, list):
-            return [str(p) for p in source]
+            return [p.strip() for p in source]
         return read_prompt_file(base / source)
     return generate_prompts(int(values.get("prompt_count", 64)), int(values.get("prompt_seed", 0)))
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     values = read_settings_file(args.config)
+    check_teacher_values(values, args.config)
     base = Path(args.config).parent
     settings = TeacherSettings.from_dict({k: v for k, v in values.items() if k not in TEACHER_KEYS})
     for key in ("model", "output"):

@@ -193,3 +193,32 @@ def test_a_data_set_of_another_model_is_refused_by_name(distill_job, capsys):
         "Build the teacher data with this model"
     )
     assert not (tmp / "out.safetensors").exists() and not (tmp / "out.safetensors.work").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": 5}, "model must be a string, got 5"),
+        ({"output": 5}, "output must be a string, got 5"),
+        ({"prompts": 5}, "prompts must be a file name or a list, got 5"),
+        ({"prompts": ["a cat", None]}, "prompts must be non-empty strings, got None"),
+        ({"prompts": [1]}, "prompts must be non-empty strings, got 1"),
+        ({"prompts": []}, "prompts is an empty list"),
+        ({"prompt_count": 2.5}, "prompt_count must be a whole number, got 2.5"),
+        ({"prompt_count": 0}, "prompt_count must be at least 1"),
+        ({"prompt_seed": "a"}, "prompt_seed must be a whole number, got 'a'"),
+        ({"device": 0}, "device must be a string, got 0"),
+        ({"dtype": "fp16"}, "dtype must be one of auto, bfloat16, float16, float32"),
+    ],
+)
+def test_teacher_settings_of_the_wrong_type_are_refused_by_name(tmp_path, capsys, change, message):
+    """These were tracebacks ("'int' object has no attribute 'startswith'", "module 'torch'
+    has no attribute 'fp16'"), foreign errors ("unsupported operand type(s) for /") or, for
+    prompts that are not strings, prompts "1" and "None"."""
+    teacher = {"model": "random:tiny:3", "output": "data", "prompts": ["a cat"], "width": 32,
+               "height": 32, "steps": 1, "points_per_prompt": 1, "device": "cpu"}  # fmt: skip
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps({**teacher, **change}))
+    assert main(["teacher", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.json"]
