@@ -205,7 +205,10 @@ def read_settings_file(path: str | os.PathLike) -> dict:
         raise DistillConfigError(f"config file not found: {path}")
     if path.suffix not in (".json", ".toml"):
         raise DistillConfigError(f"{path}: config must be a .json or .toml file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # (a ValueError that names no file)
+        raise DistillConfigError(f"{path}: not UTF-8 text ({err.reason})") from None
     try:
         if path.suffix == ".json":
             values = json.loads(text)

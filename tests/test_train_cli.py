@@ -222,3 +222,12 @@ def test_teacher_settings_of_the_wrong_type_are_refused_by_name(tmp_path, capsys
     assert main(["teacher", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: {message}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.json"]
+
+
+@pytest.mark.parametrize("command", ["teacher", "distill"])
+def test_a_config_that_is_not_utf8_is_named(tmp_path, capsys, command):
+    """It read "'utf-8' codec can't decode byte 0xff in position 30", naming no file."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'model = "random:tiny:3"\noutput = "\xff"\n')
+    assert main([command, str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: not UTF-8 text (invalid start byte)\n"
