@@ -117,6 +117,14 @@ def test_bad_settings_are_refused():
         TeacherSettings.from_dict({"stpes": 3})
     with pytest.raises(TeacherDataError, match="points_per_prompt"):
         TeacherSettings(points_per_prompt=0)
+    # from a config file: the wrong type is named (a string width was a formatting error)
+    with pytest.raises(TeacherDataError, match="width must be int, got '64'"):
+        TeacherSettings.from_dict({"width": "64"})
+    with pytest.raises(TeacherDataError, match="guidance must be float, got True"):
+        TeacherSettings.from_dict({"guidance": True})
+    with pytest.raises(TeacherDataError, match="storage_dtype must be str, got 16"):
+        TeacherSettings.from_dict({"storage_dtype": 16})
+    assert TeacherSettings.from_dict({"guidance": 4, "shift": None}).guidance == 4
 
 
 def _flip_data_byte(path, offset_from_end=100):
