@@ -109,7 +109,7 @@ def check_run(
     """Refuse, before any training, what cannot work: a batch that does not split over the
     processes, a batch larger than the data set, an output that exists (without overwrite)
     or cannot be written, a work folder another process is using (``check_lock``: on the
-    main process only, the one that takes the lock)."""
+    main process only, the one that takes the lock) or whose checkpoint has other settings."""
     per_rank, remainder = divmod(config.batch_size, world_size)
     if remainder or per_rank % config.micro_batch:
         raise ValueError(
@@ -133,6 +133,32 @@ def check_run(
         raise FileExistsError(f"{output} exists; choose another output or set overwrite = true")
     if check_lock:
         WorkLock(config.work_path).check_free()
+    resume = _resume_point(config.work_path)
+    if resume is not None:  # refused before the student is built: a calibrated start takes
+        try:  # minutes on FLUX.1-dev (mmap: only the fingerprint is read)
+            saved = _read_checkpoint(resume, mmap=True)["fingerprint"]
+        except DamagedFileError:
+            return  # the trainer sets a damaged checkpoint aside and says so
+        _refuse_other_settings(resume, saved, _run_fingerprint(config.resolved(saved), dataset))
+
+
+def _run_fingerprint(config: DistillConfig, dataset: TeacherDataset) -> dict:
+    """What a checkpoint must have been made with to be resumed: the result's settings and
+    the data set (of a config resolved with the checkpoint's recipe)."""
+    return {**config.result_settings(), "data": dataset.fingerprint}
+
+
+def _resume_point(work: Path) -> Path | None:
+    return next((work / n for n in (CHECKPOINT, PREVIOUS) if (work / n).exists()), None)
+
+
+def _refuse_other_settings(path: Path, saved: dict, fingerprint: dict) -> None:
+    if saved != fingerprint:
+        changed = [k for k in fingerprint if saved.get(k) != fingerprint[k]] or sorted(saved)
+        raise ValueError(
+            f"{path} belongs to a run with other settings ({', '.join(changed)} differ); "
+            "use another work_dir or the same config"
+        )
 
 
 def check_data_fits(student: nn.Module, dataset: TeacherDataset, model: str) -> None:
@@ -209,9 +235,9 @@ def set_aside_damaged(work: Path, log: Callable[[str], None]) -> None:
     log("; ".join(damaged) + f"; resuming from {work / good[0]}")
 
 
-def _read_checkpoint(path: Path) -> dict:
+def _read_checkpoint(path: Path, mmap: bool = False) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(state["fingerprint"], dict) or not isinstance(state["trainable"], dict):
             raise TypeError("its fingerprint or trainable tensors are not tables")
     except Exception as err:  # not a checkpoint of this trainer (its CRCs were fine)
@@ -223,13 +249,8 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _load_checkpoint(path: Path, state: dict, groups: dict, optimizer, fingerprint: dict) -> int:
-    saved, trainable = state["fingerprint"], state["trainable"]
-    if saved != fingerprint:
-        changed = [k for k in fingerprint if saved.get(k) != fingerprint[k]] or sorted(saved)
-        raise ValueError(
-            f"{path} belongs to a run with other settings ({', '.join(changed)} differ); "
-            "use another work_dir or the same config"
-        )
+    trainable = state["trainable"]
+    _refuse_other_settings(path, state["fingerprint"], fingerprint)
     missing = sorted({n for g in groups.values() for n in g} - set(trainable))
     if missing:
         raise DamagedFileError(f"{path} lacks {missing[0]}; delete it to start again")
@@ -282,7 +303,7 @@ def _train(student, dataset, config, env, on_step, should_stop, log, progress) -
     per_rank = config.batch_size // env.world_size
     output = Path(config.output)
     work = config.work_path
-    resume = next((work / n for n in (CHECKPOINT, PREVIOUS) if (work / n).exists()), None)
+    resume = _resume_point(work)
     state = _read_checkpoint(resume) if resume else None
     # What the config leaves open comes from the checkpoint: a run keeps its own recipe.
     recipe, config = config.resolved(), config.resolved(state["fingerprint"] if state else None)
@@ -304,7 +325,7 @@ def _train(student, dataset, config, env, on_step, should_stop, log, progress) -
         weight_decay=config.weight_decay,
     )
     base_lrs = [config.lora_lr, config.lr_scale]
-    fingerprint = {**config.result_settings(), "data": dataset.fingerprint}
+    fingerprint = _run_fingerprint(config, dataset)
     step = _load_checkpoint(resume, state, groups, optimizer, fingerprint) if resume else 0
     del state  # (its tensors are copied in)
     progress.truncate_after(step)

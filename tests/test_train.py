@@ -16,7 +16,12 @@ from comfyui_ternary_flux.distill.config import (
 from comfyui_ternary_flux.distill.progress import read_progress
 from comfyui_ternary_flux.distill.student import load_student
 from comfyui_ternary_flux.distill.teacher import TeacherDataset
-from comfyui_ternary_flux.distill.train import TrainingDiverged, distill, learning_rate_factor
+from comfyui_ternary_flux.distill.train import (
+    TrainingDiverged,
+    check_run,
+    distill,
+    learning_rate_factor,
+)
 from comfyui_ternary_flux.models.files import load_ternary_model as load_ternary_file
 from comfyui_ternary_flux.models.flux1_torch import ternary_flux_from_state_dict
 from comfyui_ternary_flux.ternary.integrity import DamagedFileError
@@ -360,6 +365,10 @@ def test_a_run_from_before_the_recipe_resumes_with_its_own_values(workspace, tmp
     assert "lr_lora_factor" not in saved and saved["warmup_steps"] == 0  # as before RECIPES
     with pytest.raises(ValueError, match=r"\(warmup_steps differ\)"):
         run(tiny_config(workspace, **common, warmup_steps=1))
+    # refused by check_run, before a student is built (a calibrated start takes minutes)
+    with pytest.raises(ValueError, match=r"belongs to a run with other settings \(steps differ"):
+        check_run(tiny_config(workspace, **{**common, "steps": 8}), TeacherDataset(old.data))
+    check_run(tiny_config(workspace, **common), TeacherDataset(old.data))  # its own: resumes
     logged = []
     result = run(tiny_config(workspace, **common), log=logged.append)
     assert result.step == 6 and result.output is not None
