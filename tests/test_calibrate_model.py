@@ -341,6 +341,19 @@ def _interrupt_after_blocks(monkeypatch, blocks: int, how: str = "ctrl-c") -> No
     monkeypatch.setattr(ResumeStore, "put", put)
 
 
+def _interrupted_run(
+    job: Path, src: Path, tmp_path: Path, monkeypatch, blocks: int
+) -> tuple[Path, list[str], Path]:
+    """(output, command, store) of a calibrated quantize stopped by Ctrl-C after ``blocks``
+    blocks were kept."""
+    out = tmp_path / "out.safetensors"
+    args = _deep_args(job, src, out)
+    with monkeypatch.context() as patch:
+        _interrupt_after_blocks(patch, blocks)
+        assert main(args) == 130
+    return out, args, calibration_store(out)
+
+
 def _pieces(store: Path) -> list[str]:
     return sorted(p.name for p in store.glob("*.safetensors"))
 
@@ -386,12 +399,7 @@ def test_an_interrupted_calibration_resumes_to_the_same_file(
 def test_a_resume_with_other_settings_is_refused_and_restart_starts_over(
     job, deep, tmp_path, monkeypatch, capsys
 ):
-    out = tmp_path / "out.safetensors"
-    args = _deep_args(job, deep["src"], out)
-    store = calibration_store(out)
-    with monkeypatch.context() as patch:
-        _interrupt_after_blocks(patch, 2)
-        assert main(args) == 130
+    out, args, store = _interrupted_run(job, deep["src"], tmp_path, monkeypatch, 2)
     kept = {p.name: p.read_bytes() for p in store.iterdir()}
     capsys.readouterr()
 
@@ -438,12 +446,7 @@ def test_a_resume_with_other_settings_is_refused_and_restart_starts_over(
 def test_a_damaged_block_is_computed_again_with_the_blocks_after_it(
     job, deep, tmp_path, monkeypatch, capsys
 ):
-    out = tmp_path / "out.safetensors"
-    args = _deep_args(job, deep["src"], out)
-    store = calibration_store(out)
-    with monkeypatch.context() as patch:
-        _interrupt_after_blocks(patch, 3)
-        assert main(args) == 130
+    out, args, store = _interrupted_run(job, deep["src"], tmp_path, monkeypatch, 3)
     damaged = store / "double_blocks.1.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-10] ^= 0x01  # a flipped bit in the last tensor's bytes
@@ -461,12 +464,7 @@ def test_a_damaged_block_is_computed_again_with_the_blocks_after_it(
 def test_a_store_piece_of_other_tensors_is_named(job, deep, tmp_path, monkeypatch, capsys):
     """A piece whose digest is right but whose tensors are not the block's layers (written by
     another version, or by hand) is refused by name, not loaded."""
-    out = tmp_path / "out.safetensors"
-    args = _deep_args(job, deep["src"], out)
-    store = calibration_store(out)
-    with monkeypatch.context() as patch:
-        _interrupt_after_blocks(patch, 2)
-        assert main(args) == 130
+    out, args, store = _interrupted_run(job, deep["src"], tmp_path, monkeypatch, 2)
     piece = store / "double_blocks.0.safetensors"
     tensors, metadata = read_checked(piece)
     tensors.pop("double_blocks.0.img_mlp.2.lora_alpha")
@@ -491,11 +489,7 @@ def test_a_source_swapped_with_its_size_and_mtime_kept_is_refused_by_block(
     size whose mtime was kept: each kept block's source digest does, by name."""
     src = tmp_path / "src.safetensors"
     src.write_bytes(deep["src"].read_bytes())
-    out = tmp_path / "out.safetensors"
-    args = _deep_args(job, src, out)
-    with monkeypatch.context() as patch:
-        _interrupt_after_blocks(patch, 2)
-        assert main(args) == 130
+    out, args, _ = _interrupted_run(job, src, tmp_path, monkeypatch, 2)
     stat = src.stat()
     weights = random_weights(flux_shapes(DEEP), 7, dtype=torch.float32)
     key = "double_blocks.1.img_mlp.0.weight"
