@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import Field, asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..ternary.quantize import SCALE_RULES
@@ -16,6 +16,26 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # residual as LoRA; "calibrated" = codes, scales and LoRA chosen for each layer's output on
 # examples of the training data set (ternary/calibrate.py, models/flux1_calibrate.py).
 INITS = ("svd", "calibrated")
+
+
+# A settings field's annotation (a string: annotations are postponed) -> the values it takes.
+_FIELD_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+
+def wrong_type(settings) -> tuple[Field, object] | None:
+    """The first field of a settings dataclass whose value is not of its annotated type (an
+    optional one may be None; a bool is no number), with that value; None when all fit.
+    Settings come from config files and manifests, where anything may stand."""
+    for field in fields(settings):
+        value = getattr(settings, field.name)
+        kind = field.type.removesuffix(" | None")
+        if value is None and kind != field.type:
+            continue
+        if not isinstance(value, _FIELD_TYPES[kind]) or (
+            kind != "bool" and isinstance(value, bool)
+        ):
+            return field, value
+    return None
 
 
 @dataclass(frozen=True)
@@ -90,14 +110,10 @@ class DistillConfig:
     overwrite: bool = False  # replace an existing output file
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = f.type.removesuffix(" | None")
-            if value is None and kind != f.type:
-                continue
-            expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[kind]
-            if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
-                raise DistillConfigError(f"{f.name} must be a {kind}, got {value!r}")
+        if (wrong := wrong_type(self)) is not None:
+            field, value = wrong
+            kind = field.type.removesuffix(" | None")
+            raise DistillConfigError(f"{field.name} must be a {kind}, got {value!r}")
         if self.init not in INITS:
             raise DistillConfigError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("model", "data", "output"):

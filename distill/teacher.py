@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from ..ternary.atomic import write_json_atomic
 from ..ternary.integrity import DamagedFileError, read_checked, write_checked
+from .config import wrong_type
 from .schedule import (
     derived_seed,
     resolution_shift,
@@ -58,11 +59,6 @@ class TeacherDataError(ValueError):
     """A teacher data set that cannot be used or extended as asked; the message says why."""
 
 
-# A setting's annotation (a string here: annotations are postponed) -> the values it takes.
-_SETTING_TYPES = {"int": int, "float": (int, float), "float | None": (int, float, type(None)),
-                  "str": str}  # fmt: skip
-
-
 @dataclass(frozen=True)
 class TeacherSettings:
     """How the teacher data was made. Fixed for a data set: a resumed build must match."""
@@ -79,10 +75,9 @@ class TeacherSettings:
     latent_channels: int = 16  # of the model family's latent space (FLUX.1: 16)
 
     def __post_init__(self) -> None:
-        for field in fields(self):  # from a config file or a manifest: anything may come
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, _SETTING_TYPES[field.type]):
-                raise TeacherDataError(f"{field.name} must be {field.type}, got {value!r}")
+        if (wrong := wrong_type(self)) is not None:  # from a config file or a manifest
+            field, value = wrong
+            raise TeacherDataError(f"{field.name} must be {field.type}, got {value!r}")
         mu = resolution_shift(self.width, self.height)  # also checks the resolution
         mu = mu if self.shift is None else self.shift
         object.__setattr__(self, "shift", float(mu))
